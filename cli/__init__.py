@@ -1,0 +1,1 @@
+"""The `gold` command line: thin typer commands over `gold_pipeline`."""
