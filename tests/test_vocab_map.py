@@ -1,0 +1,52 @@
+"""Vocab map: student id <-> teacher id with identical token bytes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gold_pipeline.vocab_map import build_vocab_map
+from tokenizer_fixtures import table, tok
+
+
+def test_byte_level_and_sentencepiece_spaces_match():
+    smol, mistral = tok("pkg:smollm2"), tok("pkg:mistral-sp-v1")
+    vocab_map = build_vocab_map(table("pkg:smollm2"), table("pkg:mistral-sp-v1"))
+    pairs = {int(s): int(t) for s, t in vocab_map}
+    assert pairs[smol.convert_tokens_to_ids("Ġthe")] == mistral.convert_tokens_to_ids("▁the")
+    assert pairs[smol.convert_tokens_to_ids("Ċ")] == mistral.convert_tokens_to_ids("<0x0A>")
+
+
+def test_map_is_sorted_unique_and_byte_identical():
+    s_table, t_table = table("pkg:mistral-sp-v1"), table("pkg:deepseek-v3")
+    vocab_map = build_vocab_map(s_table, t_table)
+    assert vocab_map.dtype == np.int64 and vocab_map.ndim == 2 and vocab_map.shape[1] == 2
+    assert np.all(np.diff(vocab_map[:, 0]) > 0)  # sorted by student id, each student id once
+    assert len(np.unique(vocab_map[:, 1])) == len(vocab_map)
+    for s, t in vocab_map[:: max(1, len(vocab_map) // 2000)]:
+        assert s_table.token_bytes[s] == t_table.token_bytes[t] != b""
+    assert not s_table.is_special[vocab_map[:, 0]].any() and not t_table.is_special[vocab_map[:, 1]].any()
+    assert 10_000 < len(vocab_map) < 32_000
+
+
+def test_same_tokenizer_maps_every_real_token_to_itself():
+    t = table("pkg:qwen")
+    vocab_map = build_vocab_map(t, t)
+    real = np.flatnonzero((t.lengths > 0) & ~t.is_special)
+    assert np.array_equal(vocab_map[:, 0], real) and np.array_equal(vocab_map[:, 1], real)
+
+
+def test_specials_never_match():
+    qwen, smol = table("pkg:qwen"), table("pkg:smollm2")
+    vocab_map = build_vocab_map(smol, qwen)
+    im_end_smol = tok("pkg:smollm2").convert_tokens_to_ids("<|im_end|>")
+    assert im_end_smol not in set(vocab_map[:, 0].tolist())
+
+
+def test_byte_fallback_duplicates_map_the_regular_piece():
+    # mistral has both "<0x41>" and "A" spelling b"A": only the regular piece is in the (one-to-one) map
+    mistral, smol = tok("pkg:mistral-sp-v1"), tok("pkg:smollm2")
+    vocab_map = build_vocab_map(table("pkg:mistral-sp-v1"), table("pkg:smollm2"))
+    pairs = {int(s): int(t) for s, t in vocab_map}
+    assert pairs[mistral.convert_tokens_to_ids("A")] == smol.convert_tokens_to_ids("A")
+    assert mistral.convert_tokens_to_ids("<0x41>") not in pairs
+    assert pairs[mistral.convert_tokens_to_ids("<0x0A>")] == smol.convert_tokens_to_ids("Ċ")  # no regular "\n"
