@@ -50,6 +50,7 @@ from gold_pipeline.shards import (
     read_manifest,
     write_table_atomic,
 )
+from gold_pipeline.tokenization import encode_completions
 from gold_pipeline.sources import (
     Example,
     InvalidRow,
@@ -360,16 +361,6 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
         else:
             columns.append(pa.array(values, type=field.type))
     return pa.Table.from_arrays(columns, schema=ALIGNED_SCHEMA)
-
-
-def encode_completions(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """encode_completion for many texts in one batched call (the Rust tokenizer spreads it over cores).
-
-    Same semantics as tokenization.encode_completion (no BOS/EOS, special-token text stays plain text);
-    tests/test_align_job.py checks that the two agree on real tokenizers."""
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def _count_row(counts: Counter, row: dict[str, Any]) -> int:

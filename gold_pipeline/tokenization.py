@@ -431,10 +431,24 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _special_strings(tokenizer) -> tuple[str, ...]:
-    """Texts of the special added tokens, longest first."""
-    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-    specials.update(s for s in tokenizer.all_special_tokens if s)
-    return tuple(sorted(specials, key=len, reverse=True))
+    """Texts of the special added tokens, longest first (computed once per tokenizer)."""
+    cached = getattr(tokenizer, "_gold_special_strings", None)
+    if cached is None:
+        specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        specials.update(s for s in tokenizer.all_special_tokens if s)
+        cached = tuple(sorted(specials, key=len, reverse=True))
+        tokenizer._gold_special_strings = cached
+    return cached
+
+
+def _special_pattern(tokenizer) -> re.Pattern:
+    """One compiled alternation of the special-token texts (computed once per tokenizer)."""
+    cached = getattr(tokenizer, "_gold_special_pattern", None)
+    if cached is None:
+        specials = _special_strings(tokenizer)
+        cached = re.compile("|".join(re.escape(s) for s in specials)) if specials else re.compile(r"(?!x)x")
+        tokenizer._gold_special_pattern = cached
+    return cached
 
 
 def _plain_ids(tokenizer, text: str, *, at_start: bool) -> list[int]:
@@ -512,13 +526,13 @@ def render_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     tokenized as plain text.
     """
     text = _render(tokenizer, messages, add_generation_prompt=True)
-    specials = _special_strings(tokenizer)
-    if not any(s in m["content"] for m in messages for s in specials):
+    pattern = _special_pattern(tokenizer)
+    if not any(pattern.search(m["content"]) for m in messages):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return _encode_with_plain_content(tokenizer, messages, text, specials)
+    return _encode_with_plain_content(tokenizer, messages, text, pattern)
 
 
-def _encode_with_plain_content(tokenizer, messages, text: str, specials: tuple[str, ...]) -> list[int]:
+def _encode_with_plain_content(tokenizer, messages, text: str, pattern: re.Pattern) -> list[int]:
     # Render with sentinels to learn which parts of `text` the template wrote and which are content.
     marked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
     rendered = _render(tokenizer, marked, add_generation_prompt=True)
@@ -538,7 +552,6 @@ def _encode_with_plain_content(tokenizer, messages, text: str, specials: tuple[s
             "The chat template transforms message content in a way gold cannot trace, and a message contains "
             "special-token text that must stay plain text; pass a simpler chat template (--*-chat-template FILE)."
         )
-    pattern = re.compile("|".join(re.escape(s) for s in specials))
     ids: list[int] = []
     cursor = 0
     for start, end in spans:

@@ -18,7 +18,6 @@ from gold_pipeline.align_job import (
     AlignConfig,
     TokenizerSpec,
     align_example,
-    encode_completions,
     load_side,
     rows_to_table,
     run_align,
@@ -326,13 +325,3 @@ def test_align_example_and_rows_to_table_round_trip(sides):
     assert isinstance(table.column("num_groups").type, pa.DataType)
 
 
-def test_batched_encode_completions_equals_encode_completion(sides):
-    """The job tokenizes a shard's completions in one batch; it must equal the per-text contract function."""
-    from gold_pipeline.tokenization import encode_completion
-
-    texts = [e.completion_text for e in iter_examples(DEMO)] + [
-        " leading space", "  two", "literal <|im_end|> and </s> and <s> stay text", "\t\ttabs\n\n\nnewlines",
-        "👩🏾‍💻 e\u0301 日本語", "x"]
-    for side in sides:
-        assert encode_completions(side.tokenizer, texts) == [encode_completion(side.tokenizer, t) for t in texts]
-    assert encode_completions(sides[0].tokenizer, []) == []

@@ -221,7 +221,7 @@ def test_plain_content_path_equals_whole_string_tokenization(name):
     messages = [{"role": "user", "content": "Hello there,  how are you?\n\tFine."}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     careful = tokenization._encode_with_plain_content(
-        tokenizer, messages, text, tokenization._special_strings(tokenizer)
+        tokenizer, messages, text, tokenization._special_pattern(tokenizer)
     )
     assert careful == render_prompt_ids(tokenizer, messages)
 
