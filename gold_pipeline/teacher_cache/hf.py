@@ -1,0 +1,206 @@
+"""transformers backend: batched generation (left padding), then ONE teacher-forced scoring pass.
+
+Generation uses `model.generate` in greedy mode behind a logits processor that applies temperature / top-k /
+top-p and adds Gumbel noise drawn from a per-sample generator (Gumbel-max = exact sampling). Every sample has
+its own random stream seeded from (seed, sample_id), so a resumed shard reproduces its rows and the sample does
+not depend on which other prompts share its batch.
+
+The stored log-probs come from a separate scoring pass over [left-pad | prompt | completion | right-pad]: all
+completions start at the same column, so `logits_to_keep` computes logits only at the C completion positions
+(never (B, T, V) for the prompt). They are the teacher's raw distribution (temperature 1, no filtering).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from gold_pipeline.teacher_cache.base import TeacherRequest, TeacherResult, cut_at_stop, topk_from_logprobs
+
+SCORE_ELEMENT_BUDGET = 1 << 27   # logits elements (B_chunk * C * V) per scoring forward: 512 MiB of float32
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class SeededSampler(LogitsProcessor):
+    """Per-row sampling for greedy `generate`: filtered log-probs + per-row Gumbel noise (argmax = a sample).
+
+    seeds: one per batch row. temperature 0 -> plain greedy (no noise).
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float = 1.0, top_k: int = 0):
+        self.generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # scores: (B, V) next-token logits
+        if self.temperature == 0:
+            return scores
+        logprobs = torch.log_softmax(scores.float() / self.temperature, dim=-1)     # (B, V)
+        logprobs = filter_logprobs(logprobs, top_k=self.top_k, top_p=self.top_p)
+        vocab = logprobs.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators])          # (B, V)
+        gumbel = -torch.log(-torch.log(uniform.clamp_(1e-12, 1.0 - 1e-7)))                      # (B, V)
+        return logprobs + gumbel.to(logprobs.device)
+
+
+def filter_logprobs(logprobs: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Mask (to -inf) tokens outside the top-k and outside the smallest top-p nucleus. logprobs: (B, V)."""
+    if top_k and top_k < logprobs.shape[-1]:
+        kth = torch.topk(logprobs, top_k, dim=-1).values[:, -1:]                     # (B, 1)
+        logprobs = logprobs.masked_fill(logprobs < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_lp, order = torch.sort(logprobs, dim=-1, descending=True)             # (B, V)
+        mass_before = torch.cumsum(sorted_lp.exp(), dim=-1) - sorted_lp.exp()        # exclusive cumulative mass
+        remove_sorted = mass_before >= top_p                                         # the first token always stays
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        logprobs = logprobs.masked_fill(remove, float("-inf"))
+    return logprobs
+
+
+class HFBackend:
+    """Teacher = a transformers causal LM in this process."""
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model,
+        *,
+        top_k: int,
+        stop_ids: list[int],
+        pad_id: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        sampling_top_k: int = 0,
+        max_new_tokens: int = 256,
+        batch_size: int = 8,
+        max_context: int | None = None,
+        device: str = "auto",
+    ):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.top_k = top_k
+        self.stop_ids = list(dict.fromkeys(stop_ids))
+        self.pad_id = pad_id
+        self.temperature = temperature
+        self.top_p = top_p
+        self.sampling_top_k = sampling_top_k
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        config_context = getattr(model.config, "max_position_embeddings", None)
+        self.context_length = max_context or config_context or 2048
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        if top_k > self.vocab_size:
+            raise ValueError(f"--top-k {top_k} exceeds the teacher's vocabulary size {self.vocab_size}.")
+
+    # ---------------------------------------------------------------------------------------------------------
+    def run(self, requests: list[TeacherRequest]) -> list[TeacherResult]:
+        """Results in request order; batches are formed from prompts sorted by length (deterministic)."""
+        order = sorted(range(len(requests)), key=lambda i: (len(requests[i].prompt_ids), i))
+        results: list[TeacherResult | None] = [None] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            batch_idx = order[start : start + self.batch_size]
+            batch = [requests[i] for i in batch_idx]
+            for i, result in zip(batch_idx, self._run_batch(batch)):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _run_batch(self, batch: list[TeacherRequest]) -> list[TeacherResult]:
+        if batch[0].completion_ids is not None:
+            completions = [list(r.completion_ids) for r in batch]
+            finish = ["stop"] * len(batch)
+        else:
+            completions, finish = self.generate(batch)
+        results = [TeacherResult(completion_ids=c, finish_reason=f) for c, f in zip(completions, finish)]
+        if self.top_k > 0:
+            scored = self.score([r.prompt_ids for r in batch], completions)
+            for result, (token_lp, topk_ids, topk_lp) in zip(results, scored):
+                result.token_logprobs, result.topk_ids, result.topk_logprobs = token_lp, topk_ids, topk_lp
+        return results
+
+    # ---------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: list[TeacherRequest]) -> tuple[list[list[int]], list[str]]:
+        """Sample one completion per request; ids end with a stop id ("stop") or hit max_new_tokens ("length")."""
+        width = max(len(r.prompt_ids) for r in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)           # (B, P)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)                  # (B, P)
+        for row, request in enumerate(batch):
+            input_ids[row, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
+            attention_mask[row, width - len(request.prompt_ids):] = 1
+        generation_config = GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+        )
+        sampler = SeededSampler([r.seed for r in batch], self.temperature, self.top_p, self.sampling_top_k)
+        sequences = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            generation_config=generation_config,
+            logits_processor=LogitsProcessorList([sampler]),
+        )                                                                                    # (B, P + new)
+        new_tokens = sequences[:, width:].tolist()
+        stop = set(self.stop_ids)
+        completions, finish = [], []
+        for ids in new_tokens:
+            cut, reason = cut_at_stop(ids, stop, self.max_new_tokens)
+            completions.append(cut)
+            finish.append(reason)
+        return completions, finish
+
+    # ---------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, prompts: list[list[int]], completions: list[list[int]]):
+        """Teacher-forced log-probs of each completion: [(token_logprobs (m,), topk_ids (m,K), topk_logprobs (m,K))]."""
+        out = []
+        longest = max(len(c) for c in completions)
+        rows_per_chunk = max(1, SCORE_ELEMENT_BUDGET // max(1, longest * self.vocab_size))
+        for start in range(0, len(prompts), rows_per_chunk):
+            out.extend(self._score_chunk(prompts[start : start + rows_per_chunk],
+                                         completions[start : start + rows_per_chunk]))
+        return out
+
+    def _score_chunk(self, prompts: list[list[int]], completions: list[list[int]]):
+        prompt_width = max(len(p) for p in prompts)
+        completion_width = max(max(len(c) for c in completions), 1)
+        batch = len(prompts)
+        input_ids = torch.full((batch, prompt_width + completion_width), self.pad_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+            left = prompt_width - len(prompt)
+            input_ids[row, left:prompt_width] = torch.tensor(prompt)
+            input_ids[row, prompt_width : prompt_width + len(completion)] = torch.tensor(completion, dtype=torch.long)
+            attention_mask[row, left : prompt_width + len(completion)] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)                          # (B, T)
+        # the logit row before a token predicts it: columns P-1 .. P+C-2 predict completion tokens 0 .. C-1
+        keep = torch.arange(prompt_width - 1, prompt_width + completion_width - 1, device=self.device)
+        logits = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            position_ids=position_ids.to(self.device),
+            logits_to_keep=keep,
+            use_cache=False,
+        ).logits                                                                              # (B, C, V)
+        results = []
+        for row, completion in enumerate(completions):
+            m = len(completion)
+            if m == 0:
+                empty_k = (0, self.top_k)
+                results.append((np.zeros(0, np.float32), np.zeros(empty_k, np.int32), np.zeros(empty_k, np.float32)))
+                continue
+            logprobs = torch.log_softmax(logits[row, :m].float(), dim=-1)                     # (m, V)
+            ids = torch.tensor(completion, device=logprobs.device)
+            token_lp, topk_ids, topk_lp = topk_from_logprobs(logprobs, ids, self.top_k)
+            results.append((token_lp.cpu().numpy(), topk_ids.cpu().numpy(), topk_lp.cpu().numpy()))
+        return results
+
