@@ -27,7 +27,10 @@ demo: env
 test: env
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
 
+# The slow tier also needs llama.cpp's OpenAI-compatible server (compiled from source: ~10 min on 2 cores the
+# first time; pip caches the built wheel, so later installs take seconds).
 test-slow: env
+	$(BIN)/python -c "import llama_cpp.server" 2>/dev/null || $(BIN)/pip install -q "llama-cpp-python[server]==0.3.36"
 	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider
 
 clean:
