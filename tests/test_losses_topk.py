@@ -1,0 +1,113 @@
+"""Top-k teacher forms: K = V equals the exact loss; otherwise the error stays within the tail-mass bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gold_pipeline.losses import (generalized_jsd_loss, generalized_jsd_loss_topk, hybrid_loss, hybrid_loss_topk,
+                                  merged_logprobs_from_logits, merged_topk, tail_logprob, uld_loss, uld_loss_topk,
+                                  vocab_split)
+
+STRATEGIES = ("first", "last")
+
+
+def _case(seed, vs=30, vt=40, groups=5):
+    gen = torch.Generator().manual_seed(seed)
+    s_sizes = torch.randint(1, 3, (groups,), generator=gen)
+    t_sizes = torch.randint(1, 4, (groups,), generator=gen)
+    s_gid = torch.repeat_interleave(torch.arange(groups), s_sizes)
+    t_gid = torch.cat([torch.repeat_interleave(torch.arange(groups), t_sizes), torch.tensor([-1])])  # + EOS
+    s_logits = (torch.randn(len(s_gid), vs, generator=gen, dtype=torch.float64) * 2.5).requires_grad_()
+    t_logits = torch.randn(len(t_gid), vt, generator=gen, dtype=torch.float64) * 2.5
+    s_tok = torch.randint(0, vs, (len(s_gid),), generator=gen)
+    t_tok = torch.randint(0, vt, (len(t_gid),), generator=gen)
+    perm = torch.randperm(vt, generator=gen)[:18]
+    pairs = torch.stack([torch.arange(18) + 3, perm], dim=1)
+    return s_logits, t_logits, s_tok, t_tok, s_gid, t_gid, pairs, groups
+
+
+def _teacher_topk(t_logits, t_tok, t_gid, groups, k, strategy):
+    lp = torch.log_softmax(t_logits, -1)
+    values, ids = lp.topk(k, dim=-1)
+    token_lp = lp.gather(1, t_tok.unsqueeze(1)).squeeze(1)  # the cache's actual-token log-prob
+    return merged_topk(ids, values, token_lp, t_gid, groups, strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_topk_with_k_equal_vocab_equals_exact(strategy):
+    s_logits, t_logits, s_tok, t_tok, s_gid, t_gid, pairs, g = _case(1)
+    s_m = merged_logprobs_from_logits(s_logits, s_tok, s_gid, g, strategy)
+    t_m = merged_logprobs_from_logits(t_logits, t_tok, t_gid, g, strategy)
+    teacher = _teacher_topk(t_logits, t_tok, t_gid, g, t_logits.shape[1], strategy)
+    split = vocab_split(pairs, s_logits.shape[1], t_logits.shape[1])
+    torch.testing.assert_close(uld_loss_topk(s_m, teacher)[0], uld_loss(s_m, t_m)[0])
+    for beta in (0.0, 0.5, 1.0):
+        torch.testing.assert_close(hybrid_loss_topk(s_m, teacher, split, beta=beta)[0],
+                                   hybrid_loss(s_m, t_m, split, beta=beta)[0])
+    # gradients agree too
+    a = torch.autograd.grad(hybrid_loss_topk(s_m, teacher, split, beta=0.5)[0], s_logits, retain_graph=True)[0]
+    b = torch.autograd.grad(hybrid_loss(s_m, t_m, split, beta=0.5)[0], s_logits)[0]
+    torch.testing.assert_close(a, b)
+
+
+def test_jsd_topk_with_k_equal_vocab_equals_exact():
+    gen = torch.Generator().manual_seed(2)
+    s = torch.randn(7, 12, generator=gen, dtype=torch.float64)
+    t = torch.randn(7, 12, generator=gen, dtype=torch.float64)
+    values, ids = torch.log_softmax(t, -1).topk(12, dim=-1)
+    mask = torch.tensor([True, True, False, True, True, True, True])
+    for beta in (0.0, 0.5, 1.0):
+        exact, _ = generalized_jsd_loss(s, t, beta=beta, mask=mask)
+        topk, _ = generalized_jsd_loss_topk(s, ids, values, beta=beta, mask=mask)
+        torch.testing.assert_close(topk, exact)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("k", [1, 4, 15])
+def test_uld_topk_error_bounded_by_twice_the_tail_mass(strategy, k):
+    s_logits, t_logits, s_tok, t_tok, s_gid, t_gid, _, g = _case(3 + k)
+    s_m = merged_logprobs_from_logits(s_logits, s_tok, s_gid, g, strategy)
+    t_m = merged_logprobs_from_logits(t_logits, t_tok, t_gid, g, strategy)
+    exact, _ = uld_loss(s_m, t_m)
+    approx, diag = uld_loss_topk(s_m, _teacher_topk(t_logits, t_tok, t_gid, g, k, strategy))
+    assert diag["teacher_tail_mass"] > 0
+    assert abs(float(approx.detach()) - float(exact.detach())) <= diag["topk_error_bound"] + 1e-12
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_jsd_topk_error_is_a_nonnegative_gap_bounded_by_tail_mass(k):
+    gen = torch.Generator().manual_seed(k)
+    s = torch.randn(6, 10, generator=gen, dtype=torch.float64) * 2
+    t = torch.randn(6, 10, generator=gen, dtype=torch.float64) * 2
+    values, ids = torch.log_softmax(t, -1).topk(k, dim=-1)
+    for beta in (0.0, 0.25, 0.5, 0.9, 1.0):
+        exact, _ = generalized_jsd_loss(s, t, beta=beta)
+        approx, diag = generalized_jsd_loss_topk(s, ids, values, beta=beta)
+        gap = float(exact) - float(approx)
+        assert gap >= -1e-12  # coarsening never increases a divergence
+        if 0 < beta < 1:
+            assert gap <= diag["topk_error_bound"] + 1e-12
+
+
+def test_hybrid_topk_error_shrinks_with_the_tail_mass():
+    s_logits, t_logits, s_tok, t_tok, s_gid, t_gid, pairs, g = _case(9, vs=60, vt=80)
+    t_logits = t_logits * 2.5  # peaked teacher: most mass in few ids
+    s_m = merged_logprobs_from_logits(s_logits, s_tok, s_gid, g)
+    t_m = merged_logprobs_from_logits(t_logits, t_tok, t_gid, g)
+    split = vocab_split(pairs, 60, 80)
+    exact, _ = hybrid_loss(s_m, t_m, split, beta=0.5)
+    errors, tails = [], []
+    for k in (2, 10, 40, 80):
+        approx, diag = hybrid_loss_topk(s_m, _teacher_topk(t_logits, t_tok, t_gid, g, k, "first"), split, beta=0.5)
+        errors.append(abs(float(approx.detach()) - float(exact.detach())))
+        tails.append(diag["teacher_tail_mass"])
+    assert tails == sorted(tails, reverse=True) and errors[-1] < 1e-12
+    assert errors[2] < errors[0]
+
+
+def test_tail_logprob_of_a_full_distribution_is_minus_inf_and_finite_otherwise():
+    lp = torch.log_softmax(torch.randn(3, 5, dtype=torch.float64), -1)
+    assert torch.isinf(tail_logprob(lp)).all() or (tail_logprob(lp).exp() < 1e-12).all()
+    part = tail_logprob(lp[:, :2])
+    torch.testing.assert_close(part.exp(), 1 - lp[:, :2].exp().sum(-1))
