@@ -111,3 +111,29 @@ def test_tail_logprob_of_a_full_distribution_is_minus_inf_and_finite_otherwise()
     assert torch.isinf(tail_logprob(lp)).all() or (tail_logprob(lp).exp() < 1e-12).all()
     part = tail_logprob(lp[:, :2])
     torch.testing.assert_close(part.exp(), 1 - lp[:, :2].exp().sum(-1))
+
+
+def test_topk_padding_slots_minus_one_are_ignored():
+    # regression: an OpenAI-compatible server can return fewer than K alternatives; the cache pads those slots
+    # with id -1 / log-prob -inf. They must act as absent entries, not as the last vocabulary column.
+    s_logits, t_logits, s_tok, t_tok, s_gid, t_gid, pairs, g = _case(5)
+    split = vocab_split(pairs, s_logits.shape[1], t_logits.shape[1])
+    s_m = merged_logprobs_from_logits(s_logits, s_tok, s_gid, g, "first")
+    lp = torch.log_softmax(t_logits, -1)
+    values, ids = lp.topk(6, dim=-1)
+    token_lp = lp.gather(1, t_tok.unsqueeze(1)).squeeze(1)
+    padded_ids = torch.cat([ids, torch.full_like(ids[:, :2], -1)], dim=1)  # (N, 8) with two empty slots
+    padded_values = torch.cat([values, torch.full_like(values[:, :2], float("-inf"))], dim=1)
+    plain = merged_topk(ids, values, token_lp, t_gid, g, "first")
+    padded = merged_topk(padded_ids, padded_values, token_lp, t_gid, g, "first")
+    for beta in (0.0, 0.5, 1.0):
+        expected = hybrid_loss_topk(s_m, plain, split, beta=beta)[0]
+        got = hybrid_loss_topk(s_m, padded, split, beta=beta)[0]
+        torch.testing.assert_close(got, expected)
+        assert torch.isfinite(torch.autograd.grad(got, s_logits, retain_graph=True)[0]).all()
+    s = torch.randn(len(t_tok), t_logits.shape[1], dtype=torch.float64, requires_grad=True)
+    for beta in (0.0, 0.5, 1.0):
+        expected = generalized_jsd_loss_topk(s, ids, values, beta=beta)[0]
+        got = generalized_jsd_loss_topk(s, padded_ids, padded_values, beta=beta)[0]
+        torch.testing.assert_close(got, expected)
+        assert torch.isfinite(torch.autograd.grad(got, s)[0]).all()

@@ -137,8 +137,9 @@ def generalized_jsd_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: to
         student_logits = student_logits[idx]
         teacher_topk_ids, teacher_topk_logprobs = teacher_topk_ids[idx], teacher_topk_logprobs[idx]
     s_lp = torch.log_softmax(upcast(student_logits) / temperature, dim=-1)  # (n, V)
-    s_k = s_lp.gather(1, teacher_topk_ids.long())  # (n, K)
-    t_k = teacher_topk_logprobs.to(s_k.dtype)
+    padded = teacher_topk_ids < 0  # (n, K) empty slots (a server returned fewer than K alternatives)
+    s_k = s_lp.gather(1, teacher_topk_ids.long().clamp_min(0)).masked_fill(padded, -math.inf)  # (n, K)
+    t_k = teacher_topk_logprobs.to(s_k.dtype).masked_fill(padded, -math.inf)
     s_cells = torch.cat([s_k, tail_logprob(s_k).unsqueeze(1)], dim=1)  # (n, K + 1)
     t_cells = torch.cat([t_k, tail_logprob(t_k).unsqueeze(1)], dim=1)
     per_token = generalized_jsd_terms(s_cells, t_cells, beta).sum(1)  # (n,)
@@ -175,17 +176,18 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
     split = vocab_map
     device, dtype = student_merged.device, student_merged.dtype
     w_m, w_u = hybrid_weights(split, matched_weight, unmatched_weight)
-    groups, k = teacher.ids.shape
+    groups = teacher.ids.shape[0]
     denom = resolve_denominator(denominator, groups, what="hybrid_loss_topk")
 
     t2s = torch.full((split.teacher_vocab_size,), -1, dtype=torch.long, device=device)
     t2s[split.teacher_matched.to(device)] = split.student_matched.to(device)
-    s_col = t2s[teacher.ids.long()]  # (G, K) student column of each teacher top-k id, -1 if unmatched
+    ids = teacher.ids.long()  # (G, K); -1 marks an empty slot (fewer than K alternatives cached)
+    s_col = torch.where(ids >= 0, t2s[ids.clamp_min(0)], -1)  # (G, K) student column of each id, -1 if unmatched
     is_matched = s_col >= 0
-    t_lp = teacher.logprobs.to(dtype)
     neg_inf = torch.full((), -math.inf, dtype=dtype, device=device)
+    t_lp = teacher.logprobs.to(dtype).masked_fill(ids < 0, -math.inf)
     # share of the teacher tail that falls on matched columns (uniform over the columns outside the top-k)
-    outside = max(split.teacher_vocab_size - k, 1)
+    outside = (split.teacher_vocab_size - (ids >= 0).sum(1)).clamp_min(1).to(dtype)  # (G,) columns not cached
     rho = ((split.num_matched - is_matched.sum(1)).clamp_min(0).to(dtype) / outside).clamp(0, 1)  # (G,)
     t_tail = teacher.tail_logprob.to(dtype)
 
