@@ -4,8 +4,8 @@ on the same tiny models, data and settings, in one run.
 Setting (DESIGN §6): cl100k student <- DeepSeek-V3 teacher (tiny Llama-style models from configs, real
 packaged tokenizers), batch 4, max_completion_length 32, 2 threads, hybrid ULD. Cases:
   trl_off, trl_on                      TRL GOLDTrainer, lmbda 0 / 1
-  gold_off, gold_on                    ours, default ULD mode ("fast")
-  gold_off_exact, gold_on_exact        ours, exact-sort ULD mode
+  gold_off, gold_on                    ours, default ULD mode ("exact")
+  gold_off_fast, gold_on_fast          ours, "fast" ULD mode (top ranks sorted)
   gold_off_cached                      ours, off-policy teacher from cached top-K (K=64, no teacher model)
 Each case runs in its own process (peak RSS is per process). The last line is one JSON object.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STUDENT, TEACHER = "pkg:cl100k", "pkg:deepseek-v3"
 BATCH, COMPLETION, THREADS, K = 4, 32, 2, 64
-CASES = ["trl_off", "trl_on", "gold_off", "gold_on", "gold_off_exact", "gold_on_exact", "gold_off_cached"]
+CASES = ["trl_off", "trl_on", "gold_off", "gold_on", "gold_off_fast", "gold_on_fast", "gold_off_cached"]
 
 
 def conversations() -> list[dict]:
@@ -147,7 +147,7 @@ def one_case(case: str, steps: int, warmup: int) -> dict:
         if case.startswith("trl"):
             trainer = run_trl(lmbda, steps + warmup, work, timer)
         else:
-            mode = "exact" if case.endswith("_exact") else "fast"
+            mode = "fast" if case.endswith("_fast") else "exact"
             trainer = run_gold(lmbda, mode, case.endswith("_cached"), steps + warmup, work, timer)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         started = time.perf_counter()
@@ -207,8 +207,8 @@ def main() -> None:
         "results": results,
         "speedup_off_policy": ratio("trl_off", "gold_off"),
         "speedup_on_policy": ratio("trl_on", "gold_on"),
-        "speedup_off_policy_exact": ratio("trl_off", "gold_off_exact"),
-        "speedup_on_policy_exact": ratio("trl_on", "gold_on_exact"),
+        "speedup_off_policy_fast": ratio("trl_off", "gold_off_fast"),
+        "speedup_on_policy_fast": ratio("trl_on", "gold_on_fast"),
         "peak_memory_ratio_off": ratio("gold_off", "trl_off", "peak_rss_mb"),
         "peak_memory_ratio_on": ratio("gold_on", "trl_on", "peak_rss_mb"),
         "peak_growth_ratio_off": ratio("gold_off", "trl_off", "peak_rss_growth_mb"),

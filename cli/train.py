@@ -36,7 +36,7 @@ def train(
                                                 help="Cross-tokenizer ULD loss (else generalized JSD)."),
     uld_use_hybrid_loss: Optional[bool] = typer.Option(None, "--uld-use-hybrid-loss/--no-uld-use-hybrid-loss",
                                                        help="JSD on matched vocabulary + ULD on the rest."),
-    uld_loss_mode: Optional[str] = typer.Option(None, help="ULD sort: fast | exact."),
+    uld_loss_mode: Optional[str] = typer.Option(None, help="ULD sort: exact (default) | fast."),
     lmbda: Optional[float] = typer.Option(None, help="On-policy probability per slice of the optimizer window."),
     beta: Optional[float] = typer.Option(None, help="Generalized JSD beta."),
     seq_kd: Optional[bool] = typer.Option(None, "--seq-kd/--no-seq-kd", help="Sequence-level KD off-policy."),
