@@ -326,9 +326,13 @@ def test_resume_after_kill_gives_the_same_rows(tmp_path, tiny_model_dir):
     assert len(a) == len(b) == 10
     assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b]
     for x, y in zip(a, b):
-        for key in ("teacher_completion_ids", "teacher_token_logprobs", "teacher_topk_ids", "teacher_topk_logprobs",
-                    "completion_text", "finish_reason"):
+        for key in ("teacher_completion_ids", "teacher_topk_ids", "completion_text", "finish_reason"):
             assert x[key] == y[key], key
+        # log-probs computed in the killed subprocess and in this process may differ in the last bits (torch's
+        # CPU kernels depend on the thread count); the sampled ids above are identical
+        for key in ("teacher_token_logprobs", "teacher_topk_logprobs"):
+            np.testing.assert_allclose(np.asarray(x[key], dtype=np.float64), np.asarray(y[key], dtype=np.float64),
+                                       rtol=1e-3, atol=1e-4, err_msg=key)
     assert not list(killed.glob(".*.tmp"))
 
 
