@@ -50,7 +50,7 @@ from gold_pipeline.shards import (
     read_manifest,
     write_table_atomic,
 )
-from gold_pipeline.tokenization import encode_completions
+from gold_pipeline.tokenization import encode_completions, render_prompts_ids
 from gold_pipeline.sources import (
     Example,
     InvalidRow,
@@ -222,11 +222,13 @@ def align_example(
     teacher_eot_ids: np.ndarray | None = None,
     student_completion_ids: list[int] | None = None,
     teacher_completion_ids: list[int] | None = None,
+    student_prompt_ids: list[int] | None = None,
+    teacher_prompt_ids: list[int] | None = None,
 ) -> dict[str, Any]:
     """One aligned output row (numpy arrays for the list columns). Raises OverlongRow when it must be skipped.
 
-    *_completion_ids: the completion already tokenized by `encode_completions` (batched per shard); None
-    tokenizes it here with encode_completion."""
+    *_completion_ids / *_prompt_ids: the completion / prompt already tokenized by `encode_completions` /
+    `render_prompts_ids` (batched per shard); None tokenizes it here."""
     from gold_pipeline.alignment import align_completion
     from gold_pipeline.byte_tables import completion_byte_lengths
     from gold_pipeline.tokenization import encode_completion, end_of_turn_ids, render_prompt_ids
@@ -235,7 +237,9 @@ def align_example(
     assert text is not None, "align_example needs a completion"
     if student_eot_ids is None:
         student_eot_ids = np.asarray(end_of_turn_ids(student_tok), dtype=np.int32)
-    student_prompt = np.asarray(render_prompt_ids(student_tok, example.prompt_messages), dtype=np.int32)
+    if student_prompt_ids is None:
+        student_prompt_ids = render_prompt_ids(student_tok, example.prompt_messages)
+    student_prompt = np.asarray(student_prompt_ids, dtype=np.int32)
     if student_completion_ids is None:
         student_completion_ids = encode_completion(student_tok, text)
     student_completion = np.asarray(student_completion_ids, dtype=np.int32)  # (n,)
@@ -258,7 +262,9 @@ def align_example(
     else:
         if teacher_eot_ids is None:
             teacher_eot_ids = np.asarray(end_of_turn_ids(teacher_tok), dtype=np.int32)
-        teacher_prompt = np.asarray(render_prompt_ids(teacher_tok, example.prompt_messages), dtype=np.int32)
+        if teacher_prompt_ids is None:
+            teacher_prompt_ids = render_prompt_ids(teacher_tok, example.prompt_messages)
+        teacher_prompt = np.asarray(teacher_prompt_ids, dtype=np.int32)
         if teacher_completion_ids is None:
             teacher_completion_ids = encode_completion(teacher_tok, text)
         teacher_completion = np.asarray(teacher_completion_ids, dtype=np.int32)  # (m,)
@@ -416,6 +422,9 @@ def process_shard(
     student_ids = dict(zip(map(id, examples), encode_completions(student.tokenizer, texts)))
     fresh = [example for example in examples if "teacher_completion_ids" not in example.extra]
     teacher_ids = dict(zip(map(id, fresh), encode_completions(teacher.tokenizer, [e.completion_text for e in fresh])))
+    student_prompts = dict(zip(map(id, examples),
+                               render_prompts_ids(student.tokenizer, [e.prompt_messages for e in examples])))
+    teacher_prompts = dict(zip(map(id, fresh), render_prompts_ids(teacher.tokenizer, [e.prompt_messages for e in fresh])))
     for item in items:
         counts[("source_rows",)] += 1
         if isinstance(item, InvalidRow):
@@ -427,7 +436,9 @@ def process_shard(
             row = align_example(item, student.tokenizer, teacher.tokenizer, student.table, teacher.table,
                                 cfg.max_length, overlong=cfg.overlong, student_eot_ids=student.eot_ids,
                                 teacher_eot_ids=teacher.eot_ids, student_completion_ids=student_ids[id(item)],
-                                teacher_completion_ids=teacher_ids.get(id(item)))
+                                teacher_completion_ids=teacher_ids.get(id(item)),
+                                student_prompt_ids=student_prompts[id(item)],
+                                teacher_prompt_ids=teacher_prompts.get(id(item)))
         except OverlongRow:
             counts[("skipped", "too_long")] += 1
             continue

@@ -532,6 +532,19 @@ def render_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return _encode_with_plain_content(tokenizer, messages, text, pattern)
 
 
+def render_prompts_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+    """render_prompt_ids for many prompts: the plain ones in one batch call, the rest one by one."""
+    pattern = _special_pattern(tokenizer)
+    texts = [_render(tokenizer, messages, add_generation_prompt=True) for messages in conversations]
+    careful = [any(pattern.search(m["content"]) for m in messages) for messages in conversations]
+    plain = [text for text, slow in zip(texts, careful) if not slow]
+    plain_ids = iter(tokenizer(plain, add_special_tokens=False)["input_ids"] if plain else [])
+    return [
+        _encode_with_plain_content(tokenizer, messages, text, pattern) if slow else next(plain_ids)
+        for messages, text, slow in zip(conversations, texts, careful)
+    ]
+
+
 def _encode_with_plain_content(tokenizer, messages, text: str, pattern: re.Pattern) -> list[int]:
     # Render with sentinels to learn which parts of `text` the template wrote and which are content.
     marked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]

@@ -257,3 +257,16 @@ def test_fingerprint_is_stable_across_loads_and_sees_the_template():
     c = load_tokenizer("pkg:mistral-sp-v1", chat_template="{{ messages[0]['content'] }}")
     assert tokenizer_fingerprint(c) != tokenizer_fingerprint(a)
     assert tokenizer_fingerprint(tok("pkg:qwen")) != tokenizer_fingerprint(tok("pkg:cl100k"))
+
+
+@pytest.mark.parametrize("name", ["pkg:smollm2", "pkg:qwen", "pkg:mistral-sp-v1"])
+def test_render_prompts_ids_batch_equals_one_by_one(name):
+    tokenizer = tok(name)
+    conversations = [
+        [{"role": "user", "content": "Hello there,  how are you?"}],
+        [{"role": "user", "content": "A literal <|im_end|> and </s> stay text."}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?\n\tThanks"}],
+    ]
+    assert tokenization.render_prompts_ids(tokenizer, conversations) == [
+        render_prompt_ids(tokenizer, messages) for messages in conversations
+    ]
