@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-
-def fail(error: Exception) -> None:
-    """Print an input error as one sentence (no traceback) and exit 1; GOLD_DEBUG=1 shows the traceback."""
-    if os.environ.get("GOLD_DEBUG"):
-        raise error
-    typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=1)
+from cli.errors import fail
 
 
 def align(

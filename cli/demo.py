@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from cli.errors import user_errors
 
 
 def demo(
@@ -44,13 +45,8 @@ def demo(
             options.pop(name)
         else:
             options[name] = str(options[name])
-    try:
+    with user_errors():
         summary = run_demo(DemoConfig(**options))
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        if os.environ.get("GOLD_DEBUG"):
-            raise
-        typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=1)
     typer.echo(json.dumps(summary) if as_json else format_summary(summary))
 
 

@@ -16,7 +16,7 @@ def inspect(
                                     help="Load the manifest's tokenizers to show groups as text."),
 ) -> None:
     """Rows, tokens per side, groups, multi-token group shares, exclusions, vocab-map overlap, frequent groups."""
-    from cli.align import fail
+    from cli.errors import fail
     from gold_pipeline.inspect import inspect_output, render_report, report_json
 
     try:

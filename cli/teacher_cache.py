@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from cli.errors import user_errors
+
 
 def teacher_cache(
     dataset: str = typer.Option(..., help="Prompts: jsonl/json/parquet file, hub dataset id or folder."),
@@ -53,7 +55,8 @@ def teacher_cache(
     from gold_pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
 
     options["chat_template"] = str(chat_template) if chat_template else None
-    summary = run_teacher_cache(TeacherCacheConfig(**options))
+    with user_errors():
+        summary = run_teacher_cache(TeacherCacheConfig(**options))
     typer.echo(json.dumps({k: summary[k] for k in ("out", "rows", "teacher_tokens", "num_shards", "seconds",
                                                    "new_tokens_per_s") if k in summary}))
 

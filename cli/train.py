@@ -6,18 +6,12 @@ options given on the command line win. Multi-process: `accelerate launch --num_p
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-
-def _fail(error: Exception) -> None:
-    if os.environ.get("GOLD_DEBUG"):
-        raise error
-    typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=1)
+from cli.errors import fail
 
 
 def train(
@@ -86,7 +80,7 @@ def train(
         job, args = build_job(options)
         result = run_train_job(job, args)
     except (ValueError, FileNotFoundError, TypeError, NotImplementedError) as error:
-        _fail(error)
+        fail(error)
         return
     typer.echo(f"trained {result['global_step']} steps (mean loss {result['training_loss']:.4f}); student saved "
                f"to {result['output_dir']}")
