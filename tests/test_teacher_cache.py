@@ -362,7 +362,8 @@ def test_cli_teacher_cache(tmp_path, tiny_model_dir):
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["rows"] == 3 and summary["teacher_tokens"] == 15
     again = CliRunner().invoke(app, args)
-    assert again.exit_code != 0 and "--resume" in str(again.exception)
+    assert again.exit_code == 1 and "--resume" in again.output  # one sentence naming the fix, no traceback
+    assert "Traceback" not in again.output
 
 
 # ------------------------------------------------------------------------------------------------------------
