@@ -110,10 +110,8 @@ def encode_plain(tokenizer, texts):
 
 
 def gold_e2e(student: str, teacher: str, texts: list[str]) -> dict:
-    try:
-        from gold_pipeline.align_job import AlignConfig, run_align
-    except ImportError as error:  # TODO(lead): align_job not present in this checkout
-        return {"skipped": f"gold_pipeline.align_job unavailable: {error}"}
+    from gold_pipeline.align_job import AlignConfig, run_align
+
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data.jsonl"
         with data.open("w", encoding="utf-8") as f:
