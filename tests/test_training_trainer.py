@@ -169,3 +169,9 @@ def test_num_generations_samples_each_prompt_several_times_in_one_window(tmp_pat
     trainer.train()
     (window,) = windows
     assert len(window) == 4 and len(set(window)) == 2  # one generate call for the window: 2 prompts x 2 samples
+
+
+def test_fewer_rows_than_one_batch_with_drop_last_is_refused(tmp_path):
+    # regression: such a run used to "train" 0 steps without a word
+    with pytest.raises(ValueError, match="0 steps"):
+        make_trainer(tmp_path, data=CONVERSATIONS[:1], per_device_train_batch_size=2, dataloader_drop_last=True)

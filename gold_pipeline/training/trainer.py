@@ -131,6 +131,14 @@ class GOLDTrainer(Trainer):
                                       max_length=args.max_length, what="train_dataset")
         eval_dataset = build_dataset(eval_dataset, self.pair, max_completion_length=args.max_completion_length,
                                      max_length=args.max_length, what="eval_dataset")
+        rows_per_batch = args.per_device_train_batch_size * max(args.world_size, 1)
+        if train_dataset is not None and args.dataloader_drop_last and len(train_dataset) < rows_per_batch:
+            raise ValueError(
+                f"train_dataset has {len(train_dataset)} rows, fewer than one batch (per_device_train_batch_size="
+                f"{args.per_device_train_batch_size} x {max(args.world_size, 1)} process(es)), and "
+                "dataloader_drop_last=True drops it: training would run 0 steps. Add rows, lower "
+                "per_device_train_batch_size, or set dataloader_drop_last=False."
+            )
         cached_topk = isinstance(train_dataset, AlignedShardDataset) and set(TOPK_COLUMNS) <= set(train_dataset.columns)
         self.use_cached_topk = bool(args.use_teacher_cache and cached_topk)
         needs_teacher = args.lmbda > 0 or args.seq_kd or not self.use_cached_topk
