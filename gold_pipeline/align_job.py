@@ -209,6 +209,23 @@ def _cut_point(student_groups, teacher_groups, num_groups, student_budget, teach
     return int(kept[-1]) + 1 if len(kept) else 0
 
 
+def _side_ids(tokenizer: Any, messages: list[dict], text: str, prompt_ids: list[int] | None,
+              completion_ids: list[int] | None, eot_ids: np.ndarray | None,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One side's (prompt, completion, end-of-turn) int32 ids; what the caller already tokenized (batched per
+    shard) is used as is, the rest is tokenized here."""
+    from gold_pipeline.tokenization import encode_completion, end_of_turn_ids, render_prompt_ids
+
+    if prompt_ids is None:
+        prompt_ids = render_prompt_ids(tokenizer, messages)
+    if completion_ids is None:
+        completion_ids = encode_completion(tokenizer, text)
+    if eot_ids is None:
+        eot_ids = end_of_turn_ids(tokenizer)
+    return (np.asarray(prompt_ids, dtype=np.int32), np.asarray(completion_ids, dtype=np.int32),  # (p,), (n,)
+            np.asarray(eot_ids, dtype=np.int32))
+
+
 def align_example(
     example: Example,
     student_tok: Any,
@@ -231,18 +248,10 @@ def align_example(
     `render_prompts_ids` (batched per shard); None tokenizes it here."""
     from gold_pipeline.alignment import align_completion
     from gold_pipeline.byte_tables import completion_byte_lengths
-    from gold_pipeline.tokenization import encode_completion, end_of_turn_ids, render_prompt_ids
-
     text = example.completion_text
     assert text is not None, "align_example needs a completion"
-    if student_eot_ids is None:
-        student_eot_ids = np.asarray(end_of_turn_ids(student_tok), dtype=np.int32)
-    if student_prompt_ids is None:
-        student_prompt_ids = render_prompt_ids(student_tok, example.prompt_messages)
-    student_prompt = np.asarray(student_prompt_ids, dtype=np.int32)
-    if student_completion_ids is None:
-        student_completion_ids = encode_completion(student_tok, text)
-    student_completion = np.asarray(student_completion_ids, dtype=np.int32)  # (n,)
+    student_prompt, student_completion, student_eot_ids = _side_ids(
+        student_tok, example.prompt_messages, text, student_prompt_ids, student_completion_ids, student_eot_ids)
     extra = example.extra
     cached = "teacher_completion_ids" in extra
     if cached:
@@ -260,15 +269,8 @@ def align_example(
         teacher_completion, teacher_tail = cached_ids[:text_len], cached_ids[text_len:]
         finished = extra.get("finish_reason") != "length"
     else:
-        if teacher_eot_ids is None:
-            teacher_eot_ids = np.asarray(end_of_turn_ids(teacher_tok), dtype=np.int32)
-        if teacher_prompt_ids is None:
-            teacher_prompt_ids = render_prompt_ids(teacher_tok, example.prompt_messages)
-        teacher_prompt = np.asarray(teacher_prompt_ids, dtype=np.int32)
-        if teacher_completion_ids is None:
-            teacher_completion_ids = encode_completion(teacher_tok, text)
-        teacher_completion = np.asarray(teacher_completion_ids, dtype=np.int32)  # (m,)
-        teacher_tail = teacher_eot_ids
+        teacher_prompt, teacher_completion, teacher_tail = _side_ids(
+            teacher_tok, example.prompt_messages, text, teacher_prompt_ids, teacher_completion_ids, teacher_eot_ids)
         finished = True
     student_tail = student_eot_ids if finished else np.zeros(0, dtype=np.int32)
 
