@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from gold_pipeline.vocab_map import build_vocab_map
+from gold_pipeline.vocab_map import build_vocab_map, build_vocab_map_exact
 from tokenizer_fixtures import table, tok
 
 
@@ -50,3 +51,24 @@ def test_byte_fallback_duplicates_map_the_regular_piece():
     assert pairs[mistral.convert_tokens_to_ids("A")] == smol.convert_tokens_to_ids("A")
     assert mistral.convert_tokens_to_ids("<0x41>") not in pairs
     assert pairs[mistral.convert_tokens_to_ids("<0x0A>")] == smol.convert_tokens_to_ids("Ċ")  # no regular "\n"
+
+
+@pytest.mark.parametrize("student,teacher", [("pkg:cl100k", "pkg:deepseek-v3"), ("pkg:mistral-sp-v1", "pkg:qwen"),
+                                             ("pkg:gemma3", "pkg:smollm2"), ("pkg:mistral-sp-v1", "pkg:mistral-sp-v1")])
+def test_vectorized_map_equals_the_exact_dict_join(student, teacher):
+    s_table, t_table = table(student), table(teacher)
+    assert np.array_equal(build_vocab_map(s_table, t_table), build_vocab_map_exact(s_table, t_table))
+
+
+@pytest.mark.parametrize("fake_hash", ["constant", "id"])
+def test_hash_collisions_fall_back_to_the_exact_join(monkeypatch, fake_hash):
+    # "constant": every token of a side collides with every other; "id": hashes unique per side, but student id i
+    # and teacher id i collide across sides although their bytes differ
+    from gold_pipeline import vocab_map as module
+
+    def hashes(table_, ids):
+        return np.zeros(ids.size, dtype=np.uint64) if fake_hash == "constant" else ids.astype(np.uint64)
+
+    monkeypatch.setattr(module, "_token_hashes", hashes)
+    s_table, t_table = table("pkg:mistral-sp-v1"), table("pkg:smollm2")
+    assert np.array_equal(build_vocab_map(s_table, t_table), build_vocab_map_exact(s_table, t_table))
