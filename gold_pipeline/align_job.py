@@ -6,6 +6,9 @@ Per row:
   *_completion_ids    = encode_completion(side, completion_text)  each side tokenizes the completion on its own
                         + end_of_turn_ids(side)                   group id -1 (teaches the student to stop)
   groups              = alignment.align_completion(...)           byte-exact groups, -1 = excluded tail
+A shard does this for all its rows at once (process_shard): one batch tokenization per side, one vectorized
+alignment (alignment.align_flat) and Arrow columns built from the flat arrays; align_example is the one-row form
+(used for rows cut to max_length and rows from a teacher cache, and as the reference in the tests).
 With a teacher cache as the source, the teacher's completion ids are the cached generated ids (their trailing
 end-of-turn/EOS included), the top-k columns are carried over, and the student gets its end-of-turn ids only
 when the teacher stopped (finish_reason != "length").
@@ -241,11 +244,13 @@ def align_example(
     teacher_completion_ids: list[int] | None = None,
     student_prompt_ids: list[int] | None = None,
     teacher_prompt_ids: list[int] | None = None,
+    alignment: Any = None,
 ) -> dict[str, Any]:
     """One aligned output row (numpy arrays for the list columns). Raises OverlongRow when it must be skipped.
 
     *_completion_ids / *_prompt_ids: the completion / prompt already tokenized by `encode_completions` /
-    `render_prompts_ids` (batched per shard); None tokenizes it here."""
+    `render_prompts_ids` (batched per shard); None tokenizes it here. alignment: align_completion of exactly these
+    completion ids and text (from align_batch), for a row that is not from a teacher cache; None computes it."""
     from gold_pipeline.alignment import align_completion
     from gold_pipeline.byte_tables import completion_byte_lengths
     text = example.completion_text
@@ -274,7 +279,8 @@ def align_example(
         finished = True
     student_tail = student_eot_ids if finished else np.zeros(0, dtype=np.int32)
 
-    alignment = align_completion(student_completion, teacher_completion, student_table, teacher_table, text=text)
+    if alignment is None or cached:
+        alignment = align_completion(student_completion, teacher_completion, student_table, teacher_table, text=text)
     student_groups = np.asarray(alignment.student_group_ids, dtype=np.int32)  # (n,)
     teacher_groups = np.asarray(alignment.teacher_group_ids, dtype=np.int32)  # (m,)
     num_groups = int(alignment.num_groups)
@@ -414,45 +420,219 @@ def process_shard(
     teacher: Side,
     cfg: AlignConfig,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    threads: int | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
-    """Align the rows of one shard. Returns the table and the shard's stats (summable across shards)."""
-    rows = []
+    """Align the rows of one shard. Returns the table and the shard's stats (summable across shards).
+
+    Both sides' completions and prompts are tokenized in one batch call per side and the alignment runs over
+    the whole shard at once (alignment.align_flat); rows that fit max_length and are not from a teacher cache
+    become Arrow columns straight from the flat arrays (_fresh_table). The others (over max_length, cached
+    teacher ids) go through align_example one by one. threads: for align_flat (1 inside worker processes).
+    """
     counts: Counter = Counter()
-    pending_rows = pending_tokens = 0
-    examples = [item for item in items if isinstance(item, Example)]
-    texts = [example.completion_text for example in examples]
-    student_ids = dict(zip(map(id, examples), encode_completions(student.tokenizer, texts)))
-    fresh = [example for example in examples if "teacher_completion_ids" not in example.extra]
-    teacher_ids = dict(zip(map(id, fresh), encode_completions(teacher.tokenizer, [e.completion_text for e in fresh])))
-    student_prompts = dict(zip(map(id, examples),
-                               render_prompts_ids(student.tokenizer, [e.prompt_messages for e in examples])))
-    teacher_prompts = dict(zip(map(id, fresh), render_prompts_ids(teacher.tokenizer, [e.prompt_messages for e in fresh])))
+    counts[("source_rows",)] += len(items)
+    examples: list[Example] = []
     for item in items:
-        counts[("source_rows",)] += 1
         if isinstance(item, InvalidRow):
             if not cfg.skip_invalid:
                 raise InvalidRowError(item)
             counts[("invalid", item.reason)] += 1
+        else:
+            examples.append(item)
+    if not examples:
+        return rows_to_table([]), _nest(counts)
+    texts = [example.completion_text for example in examples]
+    student_ids = _encode(student.tokenizer, texts, examples)
+    student_prompts = render_prompts_ids(student.tokenizer, [e.prompt_messages for e in examples])
+    fresh = [k for k, example in enumerate(examples) if "teacher_completion_ids" not in example.extra]
+    fresh_examples = [examples[k] for k in fresh]
+    teacher_ids = _encode(teacher.tokenizer, [texts[k] for k in fresh], fresh_examples)
+    teacher_prompts = render_prompts_ids(teacher.tokenizer, [e.prompt_messages for e in fresh_examples])
+
+    batch = None
+    fits = np.zeros(len(fresh), dtype=bool)  # (F,) fresh rows within max_length on both sides
+    if fresh:
+        from gold_pipeline.alignment import align_flat
+
+        s_prompt, s_prompt_starts = _flat_ids([student_prompts[k] for k in fresh])  # (P,), (F+1,)
+        s_ids, s_starts = _flat_ids([student_ids[k] for k in fresh])  # (N,), (F+1,)
+        t_prompt, t_prompt_starts = _flat_ids(teacher_prompts)
+        t_ids, t_starts = _flat_ids(teacher_ids)
+        batch = align_flat(s_ids, s_starts, t_ids, t_starts, student.table, teacher.table,
+                           [texts[k] for k in fresh], threads=threads)  # fmt: skip
+        fits[:] = True
+        if cfg.max_length is not None:
+            s_total = np.diff(s_prompt_starts) + np.diff(s_starts) + student.eot_ids.size  # (F,)
+            t_total = np.diff(t_prompt_starts) + np.diff(t_starts) + teacher.eot_ids.size
+            fits = (s_total <= cfg.max_length) & (t_total <= cfg.max_length)
+
+    # rows one by one: over max_length, or cached teacher ids
+    in_batch = dict(zip(fresh, range(len(fresh))))
+    alignments = batch.rows() if batch is not None and not fits.all() else None
+    slow_rows, slow_positions = [], []
+    for k, example in enumerate(examples):
+        f = in_batch.get(k)
+        if f is not None and fits[f]:
             continue
         try:
-            row = align_example(item, student.tokenizer, teacher.tokenizer, student.table, teacher.table,
+            row = align_example(example, student.tokenizer, teacher.tokenizer, student.table, teacher.table,
                                 cfg.max_length, overlong=cfg.overlong, student_eot_ids=student.eot_ids,
-                                teacher_eot_ids=teacher.eot_ids, student_completion_ids=student_ids[id(item)],
-                                teacher_completion_ids=teacher_ids.get(id(item)),
-                                student_prompt_ids=student_prompts[id(item)],
-                                teacher_prompt_ids=teacher_prompts.get(id(item)))
+                                teacher_eot_ids=teacher.eot_ids, student_completion_ids=student_ids[k],
+                                teacher_completion_ids=None if f is None else teacher_ids[f],
+                                student_prompt_ids=student_prompts[k],
+                                teacher_prompt_ids=None if f is None else teacher_prompts[f],
+                                alignment=None if f is None else alignments[f])  # fmt: skip
         except OverlongRow:
             counts[("skipped", "too_long")] += 1
             continue
-        rows.append(row)
-        pending_rows += 1
-        pending_tokens += _count_row(counts, row)
-        if progress is not None and pending_rows >= 64:
-            progress(pending_rows, pending_tokens)
-            pending_rows = pending_tokens = 0
-    if progress is not None and pending_rows:
-        progress(pending_rows, pending_tokens)
-    return rows_to_table(rows), _nest(counts)
+        _count_row(counts, row)
+        slow_rows.append(row)
+        slow_positions.append(k)
+
+    tables, positions = [], []
+    if fits.any():
+        keep = np.flatnonzero(fits)  # (F',) into fresh
+        tables.append(_fresh_table([fresh_examples[f] for f in keep.tolist()], batch, keep, s_prompt,
+                                   s_prompt_starts, s_ids, t_prompt, t_prompt_starts, t_ids, student.eot_ids,
+                                   teacher.eot_ids, counts))  # fmt: skip
+        positions.append(np.asarray(fresh, dtype=np.int64)[keep])
+    if slow_rows:
+        tables.append(rows_to_table(slow_rows))
+        positions.append(np.asarray(slow_positions, dtype=np.int64))
+    if not tables:
+        table = rows_to_table([])
+    elif len(tables) == 1:
+        table = tables[0]
+    else:  # both kinds in one shard: back to source order
+        table = pa.concat_tables(tables).take(pa.array(np.argsort(np.concatenate(positions), kind="stable")))
+        table = table.combine_chunks()
+    if progress is not None and table.num_rows:
+        progress(table.num_rows, counts[("student", "completion_tokens")] + counts[("teacher", "completion_tokens")])
+    return table, _nest(counts)
+
+
+def _encode(tokenizer: Any, texts: list[str], examples: list[Example]) -> list[list[int]]:
+    """encode_completions, with an error that names the row when a completion cannot be tokenized."""
+    try:
+        return encode_completions(tokenizer, texts)
+    except (TypeError, UnicodeError, ValueError) as error:
+        for example, text in zip(examples, texts):
+            try:
+                encode_completions(tokenizer, [text])
+            except (TypeError, UnicodeError, ValueError):
+                raise GoldInputError(f"Row {example.row_index}: its completion cannot be tokenized ({error}); fix "
+                                     f"or drop that row.") from error  # fmt: skip
+        raise
+
+
+def _flat_ids(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (N,) int32 of all rows back to back, starts (R+1,) int64)."""
+    import itertools
+
+    starts = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)), out=starts[1:])
+    ids = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(starts[-1]))
+    return ids, starts
+
+
+def _take_rows(values: np.ndarray, starts: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows `rows` (sorted) of a flat (values, starts) pair, as a new flat pair."""
+    if rows.size == starts.size - 1:
+        return values, starts
+    counts = np.diff(starts)[rows]  # (R',)
+    new_starts = np.zeros(rows.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=new_starts[1:])
+    index = np.repeat(starts[:-1][rows] - new_starts[:-1], counts) + np.arange(new_starts[-1], dtype=np.int64)
+    return values[index], new_starts
+
+
+def _append_tail(values: np.ndarray, starts: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every row of a flat (values, starts) pair followed by `tail` (E,): the new flat pair."""
+    count, size = starts.size - 1, tail.size
+    if size == 0:
+        return values, starts
+    out = np.insert(values, np.repeat(starts[1:], size), np.tile(tail.astype(values.dtype), count))
+    return out, starts + size * np.arange(count + 1, dtype=np.int64)
+
+
+def _ids_column(values: np.ndarray, starts: np.ndarray) -> pa.Array:
+    """A list<int32> column from a flat (values, starts) pair (as _list_column builds it)."""
+    from gold_pipeline.schemas import IDS
+
+    offsets = pa.array(starts.astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.astype(np.int32), type=pa.int32()), type=IDS)
+
+
+def _fresh_table(examples: list[Example], batch: Any, keep: np.ndarray, s_prompt, s_prompt_starts, s_ids,
+                 t_prompt, t_prompt_starts, t_ids, student_eot: np.ndarray, teacher_eot: np.ndarray,
+                 counts: Counter) -> pa.Table:
+    """The aligned table of the fresh rows `keep` of `batch` (none over max_length), built from the flat
+    arrays; adds their stats to `counts` (what _count_row adds per row)."""
+    count = len(examples)
+    student_prompt, student_prompt_starts = _take_rows(s_prompt, s_prompt_starts, keep)
+    teacher_prompt, teacher_prompt_starts = _take_rows(t_prompt, t_prompt_starts, keep)
+    student_ids, student_starts = _take_rows(s_ids, batch.student_starts, keep)
+    teacher_ids, teacher_starts = _take_rows(t_ids, batch.teacher_starts, keep)
+    student_groups, _ = _take_rows(batch.student_group_ids, batch.student_starts, keep)
+    teacher_groups, _ = _take_rows(batch.teacher_group_ids, batch.teacher_starts, keep)
+    num_groups = batch.num_groups[keep]  # (R,)
+    excluded_student = batch.excluded_student_tokens[keep]
+    excluded_teacher = batch.excluded_teacher_tokens[keep]
+    status = [batch.status[f] for f in keep.tolist()]
+    texts = [example.completion_text for example in examples]
+
+    counts[("rows",)] += count
+    counts[("groups",)] += int(num_groups.sum())
+    counts[("truncated_rows",)] += 0
+    counts[("completion_bytes",)] += sum(len(text.encode("utf-8")) for text in texts)
+    for name, number in Counter(status).items():
+        counts[("rows_by_status", name)] += number
+    counts[("rows_with_teacher_topk",)] += 0
+    group_offsets = np.zeros(count, dtype=np.int64)  # (R,) groups of the rows before
+    np.cumsum(num_groups[:-1], out=group_offsets[1:])
+    sides = {}
+    for side, ids, starts, groups, prompt, excluded, tail in (
+        ("student", student_ids, student_starts, student_groups, student_prompt, excluded_student, student_eot),
+        ("teacher", teacher_ids, teacher_starts, teacher_groups, teacher_prompt, excluded_teacher, teacher_eot),
+    ):
+        grouped = groups >= 0  # (n,)
+        rows_of = np.repeat(np.arange(count), np.diff(starts))  # (n,) row of each token
+        sizes = np.bincount(groups[grouped] + group_offsets[rows_of[grouped]], minlength=int(num_groups.sum()))
+        completion = ids.size + count * tail.size  # with the end-of-turn ids
+        counts[(side, "prompt_tokens")] += prompt.size
+        counts[(side, "completion_tokens")] += completion
+        counts[(side, "grouped_tokens")] += int(sizes.sum())
+        counts[(side, "multi_token_groups")] += int((sizes > 1).sum())
+        counts[(side, "excluded_tokens")] += int(excluded.sum())
+        counts[(side, "zero_byte_tokens")] += completion - int(grouped.sum()) - int(excluded.sum())
+        sides[side] = (_append_tail(ids, starts, tail), _append_tail(groups, starts, np.full(tail.size, -1)))
+
+    (student_ids, student_starts), (student_groups, _) = sides["student"]
+    (teacher_ids, teacher_starts), (teacher_groups, _) = sides["teacher"]
+    nothing = [None] * count
+    columns = {
+        "sample_id": pa.array([example.sample_id for example in examples], type=pa.string()),
+        "row_index": pa.array([example.row_index for example in examples], type=pa.int64()),
+        "generation_index": pa.array([example.generation_index for example in examples], type=pa.int32()),
+        "completion_text": pa.array(texts, type=pa.string()),
+        "student_prompt_ids": _ids_column(student_prompt, student_prompt_starts),
+        "student_completion_ids": _ids_column(student_ids, student_starts),
+        "teacher_prompt_ids": _ids_column(teacher_prompt, teacher_prompt_starts),
+        "teacher_completion_ids": _ids_column(teacher_ids, teacher_starts),
+        "student_group_ids": _ids_column(student_groups, student_starts),
+        "teacher_group_ids": _ids_column(teacher_groups, teacher_starts),
+        "num_groups": pa.array(num_groups.astype(np.int32), type=pa.int32()),
+        "status": pa.array(status, type=pa.string()),
+        "truncated": pa.array(np.zeros(count, dtype=bool), type=pa.bool_()),
+        "excluded_student_tokens": pa.array(excluded_student.astype(np.int32), type=pa.int32()),
+        "excluded_teacher_tokens": pa.array(excluded_teacher.astype(np.int32), type=pa.int32()),
+        "finish_reason": pa.array(nothing, type=pa.string()),
+    }
+    for field in ALIGNED_SCHEMA:
+        if field.name not in columns:  # the teacher-cache columns: null
+            columns[field.name] = _list_column(nothing, field.type)
+    return pa.Table.from_arrays([columns[field.name] for field in ALIGNED_SCHEMA], schema=ALIGNED_SCHEMA)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -469,7 +649,7 @@ def _init_worker(student_spec: TokenizerSpec, teacher_spec: TokenizerSpec, cfg: 
 
 
 def _worker_shard(index: int, span: tuple[int, int], items: list[Example | InvalidRow]) -> dict[str, Any]:
-    table, stats = process_shard(items, _WORKER["student"], _WORKER["teacher"], _WORKER["cfg"])
+    table, stats = process_shard(items, _WORKER["student"], _WORKER["teacher"], _WORKER["cfg"], threads=1)
     record = _WORKER["writer"].write_shard(index, table, stats=stats, source_rows=span)
     _test_delay()
     return record

@@ -517,7 +517,46 @@ def encode_completions(tokenizer, texts: list[str]) -> list[list[int]]:
             raise TypeError(f"completion text {index} must be a str, got {type(text).__name__}")
     if not texts:
         return []
-    return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return _batch_ids(tokenizer, list(texts), split_special_tokens=True)
+
+
+def _batch_ids(tokenizer, texts: list[str], *, split_special_tokens: bool) -> list[list[int]]:
+    """tokenizer(texts, add_special_tokens=False, split_special_tokens=...)["input_ids"].
+
+    For a plain `TokenizersBackend` (what load_tokenizer returns) the Rust backend is called directly with
+    `encode_batch_fast` (no character offsets, no attention masks or type ids built and thrown away): the same
+    ids, about 10% less time. Anything else (a subclass that changes encoding, truncation or padding configured
+    on the backend, an older `tokenizers`) goes through the tokenizer's own __call__."""
+    backend = tokenizer.backend_tokenizer if _direct_encode(tokenizer) else None
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
+    previous = backend.encode_special_tokens
+    backend.encode_special_tokens = split_special_tokens
+    try:
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = previous
+
+
+def _direct_encode(tokenizer) -> bool:
+    """Whether tokenizer(texts, add_special_tokens=False) is exactly its backend's batch encode (cached)."""
+    cached = getattr(tokenizer, "_gold_direct_encode", None)
+    if cached is None:
+        try:
+            from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend
+        except ImportError:  # another transformers layout
+            cached = False
+        else:
+            cls = type(tokenizer)
+            cached = (isinstance(tokenizer, TokenizersBackend)
+                      and getattr(cls, "_encode_plus", None) is TokenizersBackend._encode_plus
+                      and cls.__call__ is PreTrainedTokenizerBase.__call__
+                      and not hasattr(tokenizer, "_switch_to_input_mode")
+                      and getattr(tokenizer, "_tokenizer", None) is tokenizer.backend_tokenizer
+                      and hasattr(tokenizer.backend_tokenizer, "encode_batch_fast"))  # fmt: skip
+        tokenizer._gold_direct_encode = cached
+    return cached
 
 
 _SENTINEL = "\ue000GOLD{}\ue001"
@@ -543,7 +582,8 @@ def render_prompts_ids(tokenizer, conversations: list[list[dict]]) -> list[list[
     texts = [_render(tokenizer, messages, add_generation_prompt=True) for messages in conversations]
     careful = [any(pattern.search(m["content"]) for m in messages) for messages in conversations]
     plain = [text for text, slow in zip(texts, careful) if not slow]
-    plain_ids = iter(tokenizer(plain, add_special_tokens=False)["input_ids"] if plain else [])
+    split = bool(getattr(tokenizer, "split_special_tokens", False))  # what tokenizer(plain) would use
+    plain_ids = iter(_batch_ids(tokenizer, plain, split_special_tokens=split) if plain else [])
     return [
         _encode_with_plain_content(tokenizer, messages, text, pattern) if slow else next(plain_ids)
         for messages, text, slow in zip(conversations, texts, careful)
