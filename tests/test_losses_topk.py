@@ -8,6 +8,7 @@ import torch
 from gold_pipeline.losses import (generalized_jsd_loss, generalized_jsd_loss_topk, hybrid_loss, hybrid_loss_topk,
                                   merged_logprobs_from_logits, merged_topk, tail_logprob, uld_loss, uld_loss_topk,
                                   vocab_split)
+from gold_pipeline.losses.topk import dense_teacher, tail_model
 
 STRATEGIES = ("first", "last")
 
@@ -41,7 +42,7 @@ def test_topk_with_k_equal_vocab_equals_exact(strategy):
     t_m = merged_logprobs_from_logits(t_logits, t_tok, t_gid, g, strategy)
     teacher = _teacher_topk(t_logits, t_tok, t_gid, g, t_logits.shape[1], strategy)
     split = vocab_split(pairs, s_logits.shape[1], t_logits.shape[1])
-    torch.testing.assert_close(uld_loss_topk(s_m, teacher)[0], uld_loss(s_m, t_m)[0])
+    torch.testing.assert_close(uld_loss_topk(s_m, teacher, t_logits.shape[1])[0], uld_loss(s_m, t_m)[0])
     for beta in (0.0, 0.5, 1.0):
         torch.testing.assert_close(hybrid_loss_topk(s_m, teacher, split, beta=beta)[0],
                                    hybrid_loss(s_m, t_m, split, beta=beta)[0])
@@ -70,7 +71,7 @@ def test_uld_topk_error_bounded_by_twice_the_tail_mass(strategy, k):
     s_m = merged_logprobs_from_logits(s_logits, s_tok, s_gid, g, strategy)
     t_m = merged_logprobs_from_logits(t_logits, t_tok, t_gid, g, strategy)
     exact, _ = uld_loss(s_m, t_m)
-    approx, diag = uld_loss_topk(s_m, _teacher_topk(t_logits, t_tok, t_gid, g, k, strategy))
+    approx, diag = uld_loss_topk(s_m, _teacher_topk(t_logits, t_tok, t_gid, g, k, strategy), t_logits.shape[1])
     assert diag["teacher_tail_mass"] > 0
     assert abs(float(approx.detach()) - float(exact.detach())) <= diag["topk_error_bound"] + 1e-12
 
@@ -137,3 +138,73 @@ def test_topk_padding_slots_minus_one_are_ignored():
         got = generalized_jsd_loss_topk(s, padded_ids, padded_values, beta=beta)[0]
         torch.testing.assert_close(got, expected)
         assert torch.isfinite(torch.autograd.grad(got, s)[0]).all()
+
+
+# ---------------------------------------------------------------------------------------- power-law tail model --
+def _zipf_pair(seed, groups=40, vs=3000, vt=4000, matched=2500, noise=1.0):
+    """Zipf-shaped student/teacher log-probs over related vocabularies (teacher = student's ranking + noise)."""
+    gen = torch.Generator().manual_seed(seed)
+    pairs = torch.stack([torch.randperm(vs, generator=gen)[:matched], torch.randperm(vt, generator=gen)[:matched]], 1)
+    s_rank = torch.stack([torch.randperm(vs, generator=gen) for _ in range(groups)]).double() + 1
+    s_lp = torch.log_softmax(-1.1 * torch.log(s_rank), -1)  # (G, Vs) Zipf exponent 1.1
+    t_score = torch.randn(groups, vt, generator=gen, dtype=torch.float64) * noise
+    t_score[:, pairs[:, 1]] += -1.1 * torch.log(s_rank[:, pairs[:, 0]]) * 1.3  # related to the student's ranking
+    t_score[:, torch.ones(vt, dtype=torch.bool).index_fill_(0, pairs[:, 1], False)] -= 10.0  # unmatched: rare
+    t_lp = torch.log_softmax(t_score, -1)
+    return s_lp, t_lp, pairs
+
+
+def _topk_of(t_lp, k):
+    values, ids = t_lp.topk(k, dim=-1)
+    g = t_lp.shape[0]
+    return merged_topk(ids, values, values[:, 0], torch.arange(g), g)  # one token per group: merge is the identity
+
+
+def test_tail_model_recovers_a_power_law_tail():
+    v, k = 5000, 64
+    ranks = torch.arange(1, v + 1, dtype=torch.float64)
+    lp = torch.log_softmax(-1.3 * torch.log(ranks), 0).unsqueeze(0)  # exact Zipf(1.3)
+    teacher = _topk_of(lp, k)
+    model = tail_model(teacher, v)
+    assert abs(float(model.exponent[0]) - 1.3) < 0.05
+    dense = dense_teacher(teacher, v, torch.float64)
+    torch.testing.assert_close(torch.logsumexp(dense, 1), torch.zeros(1, dtype=torch.float64))
+    true_sorted = lp.exp().sort(descending=True).values
+    model_sorted = dense.exp().sort(descending=True).values
+    assert float((true_sorted - model_sorted).abs().sum()) < 0.02 * float(teacher.tail_logprob.exp())
+
+
+def test_dense_teacher_keeps_cached_values_and_tail_mass_with_padding():
+    gen = torch.Generator().manual_seed(3)
+    lp = torch.log_softmax(torch.randn(4, 50, generator=gen, dtype=torch.float64) * 2, -1)
+    values, ids = lp.topk(6, dim=-1)
+    plain = merged_topk(ids, values, values[:, 0], torch.arange(4), 4)
+    padded = merged_topk(torch.cat([ids, torch.full_like(ids[:, :3], -1)], 1),
+                         torch.cat([values, torch.full_like(values[:, :3], float("-inf"))], 1), values[:, 0],
+                         torch.arange(4), 4)
+    for teacher in (plain, padded):
+        dense = dense_teacher(teacher, 50, torch.float64)  # (4, 50)
+        assert dense.shape == (4, 50) and torch.isfinite(dense).all()
+        torch.testing.assert_close(torch.logsumexp(dense, 1), torch.zeros(4, dtype=torch.float64))
+        top = dense.sort(dim=1, descending=True).values[:, :6]
+        torch.testing.assert_close(top, values)  # the tail never exceeds the smallest cached value here
+    torch.testing.assert_close(dense_teacher(plain, 50, torch.float64).sort(1).values,
+                               dense_teacher(padded, 50, torch.float64).sort(1).values)
+
+
+def test_topk_losses_track_the_exact_losses_on_a_zipf_pair():
+    s_lp, t_lp, pairs = _zipf_pair(0)
+    split = vocab_split(pairs, s_lp.shape[1], t_lp.shape[1])
+    uld_exact = float(uld_loss(s_lp, t_lp)[0])
+    hybrid_exact, exact_diag = hybrid_loss(s_lp, t_lp, split)
+    teacher = _topk_of(t_lp, 64)
+    assert 0.05 < float(teacher.tail_logprob.exp().mean()) < 0.3  # a real tail to model
+    uld_k = float(uld_loss_topk(s_lp, teacher, t_lp.shape[1])[0])
+    hybrid_k, diag = hybrid_loss_topk(s_lp, teacher, split)
+    old_uld = float(uld_loss(s_lp, teacher.dense_values())[0])  # the former one-bucket tail, for contrast
+    assert abs(uld_k - uld_exact) / uld_exact < 0.02 < abs(old_uld - uld_exact) / uld_exact
+    # the coarsened tail cell is a lower bound of the matched part, the unassociated placement lies above it here;
+    # the reported part is the bracket's midpoint
+    assert diag["matched_low"] <= exact_diag["matched"] <= diag["matched_high"]
+    assert abs(float(hybrid_k) - float(hybrid_exact)) / float(hybrid_exact) < 0.05
+    assert diag["matched"] == pytest.approx((diag["matched_low"] + diag["matched_high"]) / 2)

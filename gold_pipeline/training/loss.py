@@ -262,7 +262,8 @@ def _topk_merged_loss(student_merged, teacher, t_ids, t_groups, G, settings, den
             matched_weight=settings.matched_weight, unmatched_weight=settings.unmatched_weight,
             denominator=denominator, mode=settings.uld_loss_mode,
         )
-    return uld_loss_topk(student_merged, teacher_merged, denominator=denominator, mode=settings.uld_loss_mode)
+    return uld_loss_topk(student_merged, teacher_merged, settings.teacher_vocab_size, denominator=denominator,
+                         mode=settings.uld_loss_mode)
 
 
 def _prefixed(prefix: str, diag: dict) -> dict:
