@@ -739,7 +739,7 @@ def run_align(cfg: AlignConfig) -> dict[str, Any]:
     input, an existing output without resume/overwrite, or a teacher cache made with another tokenizer.
     """
     from gold_pipeline.progress import RateProgress
-    from gold_pipeline.vocab_map import build_vocab_map
+    from gold_pipeline.vocab_map import cached_vocab_map
 
     started = time.perf_counter()
     teacher_spec, cache_manifest = _resolve_teacher(cfg)
@@ -765,7 +765,7 @@ def run_align(cfg: AlignConfig) -> dict[str, Any]:
     writer = ShardWriter(out, kind="aligned")
 
     vocab_path = out / VOCAB_MAP_FILE
-    pairs = np.asarray(build_vocab_map(student.table, teacher.table)).reshape(-1, 2).astype(np.int32)  # (M, 2)
+    pairs = np.asarray(cached_vocab_map(student.table, teacher.table)).reshape(-1, 2).astype(np.int32)  # (M, 2)
     vocab_table = pa.Table.from_arrays([pa.array(pairs[:, 0]), pa.array(pairs[:, 1])], schema=VOCAB_MAP_SCHEMA)
     vocab_record = write_table_atomic(vocab_path, vocab_table)
 

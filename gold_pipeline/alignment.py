@@ -352,9 +352,10 @@ def align_flat(
                            teacher_starts[first : last + 1] - t0, *tables,
                            None if texts is None else texts[first:last])  # fmt: skip
 
-    with ThreadPoolExecutor(max_workers=len(parts)) as pool:
-        results = list(pool.map(run, parts))
-    return _concat_results(results)
+    with ThreadPoolExecutor(max_workers=len(parts) - 1) as pool:
+        others = [pool.submit(run, part) for part in parts[1:]]
+        first = run(parts[0])  # this thread aligns the first part meanwhile
+        return _concat_results([first, *(future.result() for future in others)])
 
 
 def _thread_count(threads: int | None, tokens: int) -> int:

@@ -409,6 +409,20 @@ def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+def _render_many(tokenizer, conversations: list[list[dict]]) -> list[str]:
+    """_render(..., add_generation_prompt=True) of many conversations with one apply_chat_template call."""
+    if not conversations:
+        return []
+    plain = all(isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages) for messages in conversations)
+    if not plain:  # the one-row path, with its errors
+        return [_render(tokenizer, messages, add_generation_prompt=True) for messages in conversations]
+    texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
+    if not isinstance(texts, list) or len(texts) != len(conversations):  # not read as a batch
+        return [_render(tokenizer, messages, add_generation_prompt=True) for messages in conversations]
+    return texts
+
+
 # ----------------------------------------------------------------------------------------------------------
 # fingerprints
 
@@ -579,7 +593,7 @@ def render_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 def render_prompts_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
     """render_prompt_ids for many prompts: the plain ones in one batch call, the rest one by one."""
     pattern = _special_pattern(tokenizer)
-    texts = [_render(tokenizer, messages, add_generation_prompt=True) for messages in conversations]
+    texts = _render_many(tokenizer, conversations)
     careful = [any(pattern.search(m["content"]) for m in messages) for messages in conversations]
     plain = [text for text, slow in zip(texts, careful) if not slow]
     split = bool(getattr(tokenizer, "split_special_tokens", False))  # what tokenizer(plain) would use

@@ -72,3 +72,26 @@ def test_hash_collisions_fall_back_to_the_exact_join(monkeypatch, fake_hash):
     monkeypatch.setattr(module, "_token_hashes", hashes)
     s_table, t_table = table("pkg:mistral-sp-v1"), table("pkg:smollm2")
     assert np.array_equal(build_vocab_map(s_table, t_table), build_vocab_map_exact(s_table, t_table))
+
+
+def test_cached_map_is_kept_on_disk_and_a_bad_file_is_rebuilt(monkeypatch, tmp_path):
+    from gold_pipeline.vocab_map import cached_vocab_map
+
+    monkeypatch.setenv("GOLD_CACHE_DIR", str(tmp_path))
+    s_table, t_table = table("pkg:mistral-sp-v1"), table("pkg:smollm2")
+    expected = build_vocab_map(s_table, t_table)
+    assert np.array_equal(cached_vocab_map(s_table, t_table), expected)
+    (path,) = (tmp_path / "vocab_maps").glob("*.npy")
+    assert np.array_equal(np.load(path), expected)
+    assert np.array_equal(cached_vocab_map(s_table, t_table), expected)  # loaded
+    assert len(list((tmp_path / "vocab_maps").iterdir())) == 1
+    # the key is the pair of contents, in order: the swapped pair gets its own file
+    assert np.array_equal(cached_vocab_map(t_table, s_table), build_vocab_map(t_table, s_table))
+    assert len(list((tmp_path / "vocab_maps").glob("*.npy"))) == 2
+    for bad in (b"not a numpy file", None):
+        if bad is None:  # well-formed npy, wrong content (a student id out of range)
+            np.save(path, np.array([[10**9, 0]], dtype=np.int64))
+        else:
+            path.write_bytes(bad)
+        assert np.array_equal(cached_vocab_map(s_table, t_table), expected)
+        assert np.array_equal(np.load(path), expected)  # rewritten
