@@ -3,7 +3,10 @@
 Group boundaries are the byte positions where both token sequences end a token. A group is the run of student
 tokens and the run of teacher tokens between two consecutive common boundaries: groups partition both
 completions in order and the bytes of both sides of a group are equal. The merge of the two cumulative-length
-arrays is vectorized (cumsum + searchsorted), O(n + m) work with no per-token Python loop.
+arrays is vectorized (cumsum + searchsorted), O(n + m) work with no per-token Python loop. Many completions
+(align_batch / align_flat) are aligned together: each row's bytes get a slot of their own in one byte space,
+boundaries are marked in a boolean array over it, and only rows whose bytes disagree go through
+align_completion one by one.
 
 Excluded tokens get group id -1: special tokens (no bytes), and every token past the first byte where the
 student bytes, the teacher bytes and (if given) the text disagree, or past the longest valid UTF-8 prefix. A
