@@ -67,9 +67,13 @@ def test_chunked_equals_unchunked(loss_name, strategy):
     full_grads = torch.autograd.grad(full, [s_hidden, s_head.weight])
     student = MergeSide(s_hidden, s_tok, s_gid, head=s_head, temperature=0.9)
     teacher = MergeSide(t_logits, t_tok, t_gid, temperature=1.1)
-    for chunk, ckpt in ((1, True), (5, True), (7, False), (100, True)):
+    # the documented kept-bytes estimate of the first two 5-group chunks: 4 B x Vs x (2 x tokens + 3 x groups)
+    two_chunks = 4 * 37 * (2 * int(((s_gid >= 0) & (s_gid < 10)).sum()) + 3 * 10)
+    for chunk, ckpt, keep, recomputed in ((1, True, 0, g), (5, True, 0, 5), (7, False, 0, 0), (100, True, 0, 1),
+                                          (5, True, 10**9, 0), (5, True, two_chunks, 3)):
         loss, diag = chunked_merged_loss(student, teacher, g, fn, denominator=50.0, strategy=strategy,
-                                         groups_per_chunk=chunk, checkpoint_chunks=ckpt)
+                                         groups_per_chunk=chunk, checkpoint_chunks=ckpt, keep_bytes=keep)
+        assert diag["recomputed_chunks"] == recomputed  # a budget keeps the first chunks, recomputes the rest
         grads = torch.autograd.grad(loss, [s_hidden, s_head.weight])
         torch.testing.assert_close(loss, full)
         for a, b in zip(grads, full_grads):

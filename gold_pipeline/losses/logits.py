@@ -5,10 +5,11 @@
   as the completion token ids ``input_ids[completion_mask]``. The prompt never reaches the LM head.
 * ``completion_logits`` applies the LM head (and Gemma-style final logit soft-capping) to those rows: (N, V).
 * ``chunked_merged_loss`` goes further for long completions: it walks the groups in chunks of ``groups_per_chunk``,
-  computes each chunk's student (and teacher) logits from hidden states, merges, and adds the chunk's loss sum; every
-  chunk runs under activation checkpointing, so backward recomputes that chunk's logits instead of storing them. Peak
-  memory is O(chunk tokens x V) instead of O(N x V): a 4k-token completion with a 150k vocabulary stays within a few
-  GB on CPU (see bench/loss.py "chunked_4096").
+  computes each chunk's student (and teacher) logits from hidden states, merges, and adds the chunk's loss sum.
+  Chunks keep their activations for backward while an estimated budget (``keep_bytes``) allows, and run under
+  activation checkpointing beyond it, so backward recomputes those chunks' logits instead of storing them. Peak
+  memory is then O(budget + chunk tokens x V) instead of O(N x V): a 4k-token completion with a 150k vocabulary stays
+  within a few GB on CPU (see bench/loss.py "chunked_4096"), while a small batch pays no recompute.
 """
 
 from __future__ import annotations
@@ -87,6 +88,13 @@ class MergeSide:
     head: Callable[[torch.Tensor], torch.Tensor] | None = None
     temperature: float = 1.0
 
+    def width(self) -> int:
+        """V, the vocabulary width of this side's logits (one-row probe of the head)."""
+        if self.head is None:
+            return int(self.rows.shape[1])
+        with torch.no_grad():
+            return int(self.head(self.rows[:1]).shape[-1])
+
     def merged(self, g0: int, g1: int, strategy: MergeStrategy) -> torch.Tensor:
         """(g1 - g0, V) merged log-probabilities of groups [g0, g1)."""
         idx = ((self.group_ids >= g0) & (self.group_ids < g1)).nonzero().squeeze(1)
@@ -98,7 +106,7 @@ class MergeSide:
 
 def chunked_merged_loss(student: MergeSide, teacher: MergeSide, num_groups: int, loss_fn: LossFn, *,
                         denominator: Denominator = None, strategy: MergeStrategy = "first",
-                        groups_per_chunk: int = 64, checkpoint_chunks: bool = True,
+                        groups_per_chunk: int = 64, checkpoint_chunks: bool = True, keep_bytes: int = 0,
                         teacher_grad: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Merged-distribution loss computed chunk by chunk over groups.
 
@@ -110,7 +118,11 @@ def chunked_merged_loss(student: MergeSide, teacher: MergeSide, num_groups: int,
             chunk's SUM (it is called with denominator 1).
         denominator: valid groups of the optimizer window; None = ``num_groups``.
         groups_per_chunk: groups per chunk (memory ~ chunk tokens x V x ~12 bytes).
-        checkpoint_chunks: recompute each chunk in backward (True) instead of keeping its activations.
+        checkpoint_chunks: recompute chunks in backward (True) instead of keeping their activations.
+        keep_bytes: with checkpoint_chunks, chunks keep their activations (no recompute) while the estimated kept
+            bytes of all kept chunks stay within this budget; the rest are recomputed. The estimate per chunk is
+            4 bytes x Vs x (2 x its student tokens + 3 x its groups): the student log-softmax and merged rows and
+            the loss's saved gradients. 0 = checkpoint every chunk.
         teacher_grad: the teacher side needs gradients (normally False: teacher computed under no_grad).
     Returns:
         (loss, diag) with loss = sum over chunks / denominator; diag sums the chunk diagnostics in
@@ -138,8 +150,19 @@ def chunked_merged_loss(student: MergeSide, teacher: MergeSide, num_groups: int,
 
     total = None
     spans = [(g, min(g + groups_per_chunk, num_groups)) for g in range(0, num_groups, groups_per_chunk)]
+    kept, recomputed = 0, 0
+    per_token = per_group = 0
+    if checkpoint_chunks and keep_bytes > 0 and spans:
+        width = student.width()
+        per_token, per_group = 8 * width, 12 * width
     for g0, g1 in spans:
-        if checkpoint_chunks and torch.is_grad_enabled():
+        cost = (per_token * int(((student.group_ids >= g0) & (student.group_ids < g1)).sum())
+                + per_group * (g1 - g0))
+        if per_group and kept + cost <= keep_bytes:
+            kept += cost
+            part = run(g0, g1, True)
+        elif checkpoint_chunks and torch.is_grad_enabled():
+            recomputed += 1
             first = [True]
 
             def chunk(_anchor, g0=g0, g1=g1, first=first):
@@ -155,7 +178,7 @@ def chunked_merged_loss(student: MergeSide, teacher: MergeSide, num_groups: int,
     loss = total / denom
     diag = {key: value / float(denom) for key, value in totals.items()}
     diag.update({k: v for k, v in extra.items() if k.endswith("_weight") or k == "matched_columns"})
-    diag.update({"groups": float(num_groups), "chunks": float(len(spans)),
+    diag.update({"groups": float(num_groups), "chunks": float(len(spans)), "recomputed_chunks": float(recomputed),
                  "student_excluded_tokens": float(int((student.group_ids < 0).sum())),
                  "teacher_excluded_tokens": float(int((teacher.group_ids < 0).sum()))})
     return loss, diag

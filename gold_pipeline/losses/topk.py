@@ -124,23 +124,27 @@ class TailModel:
     log_mass: torch.Tensor
     vocab_size: int
 
-    def log_values(self, ranks: torch.Tensor, log_mass: torch.Tensor, live: torch.Tensor | None = None,
+    def log_values(self, frac: torch.Tensor, log_mass: torch.Tensor, live: torch.Tensor | None = None,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Model log-values at fractional tail ranks, rescaled so the ``live`` entries of each row sum to exp(log_mass).
+        """Model log-values at tail positions, rescaled so the ``live`` entries of each row sum to exp(log_mass).
 
         Args:
-            ranks: (G, n) float64 ranks in (k_g, V]. log_mass: (G,) float64 target log-mass of the live entries.
-            live: (G, n) bool entries that count (None = all). Dead entries come back as -inf.
+            frac: (G, n) or (1, n) positions in [0, 1] along the tail: rank r = k_g + frac * (V - k_g).
+            log_mass: (G,) target log-mass of the live entries. live: (G, n) bool entries that count (None = all);
+                dead entries come back as -inf.
         Returns:
-            (G, n) log-values in ``dtype``.
+            (G, n) log-values in ``dtype`` (computed in ``dtype``: these are (G, V)-sized).
         """
-        k = self.count.clamp_min(1).to(torch.float64).unsqueeze(1)
-        values = self.log_kth.unsqueeze(1) - self.exponent.unsqueeze(1) * torch.log(ranks / k)  # (G, n)
+        k = self.count.clamp_min(1).double()
+        scale = ((self.vocab_size - k) / k).to(dtype).unsqueeze(1)  # (G, 1): r / k = 1 + frac * scale
+        values = (frac.to(dtype) * scale).log1p_()  # (G, n) log(r / k)
+        values.mul_(-self.exponent.to(dtype).unsqueeze(1)).add_(self.log_kth.to(dtype).unsqueeze(1))
         if live is not None:
-            values = values.masked_fill(~live, -math.inf)
+            values.masked_fill_(~live, -math.inf)
         norm = torch.logsumexp(values, dim=1, keepdim=True)  # (G, 1); -inf when no entry is live
-        shift = torch.where(torch.isfinite(norm), log_mass.unsqueeze(1) - norm, torch.full_like(norm, -math.inf))
-        return (values + shift).to(dtype)
+        shift = torch.where(torch.isfinite(norm), log_mass.to(dtype).unsqueeze(1) - norm,
+                            torch.full_like(norm, -math.inf))
+        return values.add_(shift)
 
 
 def _log_power_integral(a: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
@@ -203,12 +207,11 @@ def _fill_last(tail: torch.Tensor, cached: torch.Tensor, count: torch.Tensor) ->
     return torch.cat([tail[:, : width - k], head], dim=1)
 
 
-def _stratified_ranks(model: TailModel, slots: torch.Tensor, width: int) -> torch.Tensor:
-    """(G, width) float64 tail ranks: ``slots[g]`` equally spaced quantiles of the ranks k_g+1..V, then padding."""
-    k = model.count.double().unsqueeze(1)
-    n = slots.clamp_min(1).double().unsqueeze(1)
-    i = torch.arange(width, dtype=torch.float64, device=slots.device).unsqueeze(0)
-    return (k + (i + 0.5) * (model.vocab_size - k) / n).clamp_max(float(model.vocab_size))
+def _stratified_fracs(slots: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """(G, width) tail positions: ``slots[g]`` equally spaced quantiles (i + 0.5) / slots[g] of the tail, then
+    positions past its end (clamped to 1; callers mark them dead)."""
+    i = torch.arange(width, dtype=dtype, device=slots.device).add_(0.5).unsqueeze(0)  # (1, width)
+    return (i / slots.clamp_min(1).to(dtype).unsqueeze(1)).clamp_max_(1.0)
 
 
 def dense_teacher(teacher: TopkMerged, vocab_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -216,9 +219,9 @@ def dense_teacher(teacher: TopkMerged, vocab_size: int, dtype: torch.dtype = tor
     particular column order: for ULD only the multiset matters)."""
     model = tail_model(teacher, vocab_size)
     slots = vocab_size - model.count  # (G,)
-    ranks = _stratified_ranks(model, slots, vocab_size)  # the first `slots` entries are ranks k+1, ..., V
+    fracs = _stratified_fracs(slots, vocab_size, dtype)  # the first `slots` entries: ranks k+0.5, ..., V-0.5
     live = torch.arange(vocab_size, device=slots.device).unsqueeze(0) < slots.unsqueeze(1)
-    tail = model.log_values(ranks, model.log_mass, live, dtype)
+    tail = model.log_values(fracs, model.log_mass, live, dtype)
     cached = teacher.logprobs.to(dtype).masked_fill(teacher.ids < 0, -math.inf)
     return _fill_last(tail, cached, model.count)
 
@@ -363,9 +366,8 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
         in_top = torch.zeros(groups, m_cols + 1, dtype=torch.bool, device=device)
         in_top = in_top.scatter_(1, cols, True)[:, :m_cols]  # (G, M) matched columns in the top-k
         cols = cols.clamp_max(m_cols - 1)
-        k = model.count.double().unsqueeze(1)
-        ranks = k + _placement(m_cols).to(device).unsqueeze(0) * (vt - k)  # (G, M)
-        t_placed = model.log_values(ranks.clamp_min(k + 0.5), log_t_matched, ~in_top, dtype)  # (G, M)
+        fracs = _placement(m_cols).to(device=device, dtype=dtype).unsqueeze(0)  # (1, M)
+        t_placed = model.log_values(fracs, log_t_matched, ~in_top, dtype)  # (G, M)
         placed_all = jsd_on_columns(s_all, t_placed, beta=beta, log_floor=log_floor)  # (G,) all M columns
         # remove the top-k columns' terms from that sum (their teacher value is -inf there, floored if a floor is set)
         t_at_k = t_placed.gather(1, cols)  # (G, K)
@@ -383,9 +385,9 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
         cached_u = torch.where(is_matched, neg_inf, t_lp)  # (G, K) cached unmatched entries
         count_u = (valid & ~is_matched).sum(1)
         slots = (width - count_u).clamp_min(0)  # unmatched columns outside the top-k
-        ranks = _stratified_ranks(model, slots, width)
+        fracs = _stratified_fracs(slots, width, dtype)
         live = torch.arange(width, device=device).unsqueeze(0) < slots.unsqueeze(1)
-        tail_u = model.log_values(ranks, log_t_unmatched, live, dtype)  # (G, Ut)
+        tail_u = model.log_values(fracs, log_t_unmatched, live, dtype)  # (G, Ut)
         t_u = _fill_last(tail_u, cached_u, count_u)
         l1, _ = sorted_l1(s_u, t_u, mode=mode, fast_k=fast_k)
         unmatched = l1.sum() / denom

@@ -111,7 +111,12 @@ class GOLDConfig(TrainingArguments):
         default=64, metadata=_help("Aligned groups merged and compared at a time (bounds the (G, V) temporaries).")
     )
     uld_checkpoint_chunks: bool = field(
-        default=True, metadata=_help("Recompute each chunk in backward instead of keeping its activations.")
+        default=True, metadata=_help("Recompute chunks in backward instead of keeping their activations, once the "
+                                     "kept activations would exceed uld_keep_activations_mb.")
+    )
+    uld_keep_activations_mb: float = field(
+        default=1024.0, metadata=_help("Activation memory (estimated, MB) the loss chunks may keep for backward before "
+                                       "chunks are recomputed instead; 0 = recompute every chunk (least memory).")
     )
     uld_use_hybrid_loss: bool = field(
         default=False, metadata=_help("JSD on the byte-identical vocabulary, ULD on the rest.")
@@ -238,6 +243,8 @@ class GOLDConfig(TrainingArguments):
             self.uld_token_merge_strategy = canonical
         if self.uld_groups_per_chunk < 1:
             fail("uld_groups_per_chunk", "must be at least 1.")
+        if self.uld_keep_activations_mb < 0:
+            fail("uld_keep_activations_mb", "must be >= 0 (0 = recompute every chunk).")
         if self.uld_loss_mode not in ULD_LOSS_MODES:
             fail("uld_loss_mode", f"must be one of {ULD_LOSS_MODES}.")
         if not self.use_extended_uld:

@@ -42,6 +42,7 @@ class LossSettings:
     teacher_vocab_size: int
     groups_per_chunk: int = 64
     checkpoint_chunks: bool = True
+    keep_bytes: int = 0
 
     @classmethod
     def from_args(cls, args, student_vocab_size: int, teacher_vocab_size: int) -> LossSettings:
@@ -62,6 +63,7 @@ class LossSettings:
             teacher_vocab_size=teacher_vocab_size,
             groups_per_chunk=args.uld_groups_per_chunk,
             checkpoint_chunks=args.uld_checkpoint_chunks,
+            keep_bytes=int(args.uld_keep_activations_mb * 2**20),
         )
 
 
@@ -246,7 +248,7 @@ def _chunked_merged_loss(student_logits, teacher_logits, batch, settings: LossSe
     teacher = side(teacher_logits, "teacher", settings.teacher_temperature)
     return chunked_merged_loss(student, teacher, int(batch["num_groups"]), loss_fn, denominator=denominator,
                                strategy=settings.merge_strategy, groups_per_chunk=settings.groups_per_chunk,
-                               checkpoint_chunks=settings.checkpoint_chunks)
+                               checkpoint_chunks=settings.checkpoint_chunks, keep_bytes=settings.keep_bytes)
 
 
 def _rows(side: torch.Tensor | CompletionRows) -> torch.Tensor:
