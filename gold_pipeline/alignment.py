@@ -459,8 +459,10 @@ def _gather_spans(flat: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) ->
     if total == 0:
         return b""
     index = np.int32 if max(total, flat.size) < 2**31 else np.int64  # half the memory traffic of int64
-    real = np.flatnonzero(lengths)  # (K,) tokens with bytes
-    lengths, offsets = lengths[real].astype(index), offsets[real].astype(index)  # (K,)
+    if not lengths.all():
+        real = np.flatnonzero(lengths)  # (K,) tokens with bytes
+        lengths, offsets = lengths[real], offsets[real]
+    lengths, offsets = lengths.astype(index), offsets.astype(index)  # (K,)
     # source index of each output byte: +1 from one byte to the next, a jump at each token's first byte
     step = np.ones(total, dtype=index)  # (bytes,)
     jump = offsets.copy()  # (K,) from the previous token's last byte to this token's first
