@@ -591,17 +591,23 @@ def render_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def render_prompts_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
-    """render_prompt_ids for many prompts: the plain ones in one batch call, the rest one by one."""
+    """render_prompt_ids for many prompts: the plain ones in one batch call (each distinct prompt text once, e.g.
+    several generations of one prompt), the rest one by one. Every row gets a list of its own."""
     pattern = _special_pattern(tokenizer)
     texts = _render_many(tokenizer, conversations)
     careful = [any(pattern.search(m["content"]) for m in messages) for messages in conversations]
-    plain = [text for text, slow in zip(texts, careful) if not slow]
+    plain = list(dict.fromkeys(text for text, slow in zip(texts, careful) if not slow))  # distinct, in order
     split = bool(getattr(tokenizer, "split_special_tokens", False))  # what tokenizer(plain) would use
-    plain_ids = iter(_batch_ids(tokenizer, plain, split_special_tokens=split) if plain else [])
-    return [
-        _encode_with_plain_content(tokenizer, messages, text, pattern) if slow else next(plain_ids)
-        for messages, text, slow in zip(conversations, texts, careful)
-    ]
+    plain_ids = dict(zip(plain, _batch_ids(tokenizer, plain, split_special_tokens=split) if plain else []))
+    out = []
+    for messages, text, slow in zip(conversations, texts, careful):
+        if slow:
+            out.append(_encode_with_plain_content(tokenizer, messages, text, pattern))
+        else:
+            ids = plain_ids[text]
+            out.append(ids)
+            plain_ids[text] = list(ids)  # a repeat of this prompt gets a copy
+    return out
 
 
 def _encode_with_plain_content(tokenizer, messages, text: str, pattern: re.Pattern) -> list[int]:

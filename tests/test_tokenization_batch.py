@@ -45,3 +45,22 @@ def test_prompts_keep_the_template_specials_with_the_direct_path():
     rendered = render_prompts_ids(tokenizer, conversations)
     im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert all(ids.count(im_start) == 2 for ids in rendered)  # user turn + generation prompt
+
+
+def test_repeated_prompts_are_encoded_once_and_get_their_own_lists(monkeypatch):
+    tokenizer = tok("pkg:qwen")
+    conversations = [[{"role": "user", "content": f"Question {i % 3}"}] for i in range(7)]
+    conversations.insert(2, [{"role": "user", "content": "A literal <|im_end|> stays text."}])
+    calls = []
+    original = tokenization._batch_ids
+
+    def counting(tokenizer_, texts, **kwargs):
+        calls.append(len(texts))
+        return original(tokenizer_, texts, **kwargs)
+
+    monkeypatch.setattr(tokenization, "_batch_ids", counting)
+    rendered = render_prompts_ids(tokenizer, conversations)
+    assert calls == [3]  # the 7 plain prompts are 3 distinct texts; the special-text one goes its own way
+    monkeypatch.undo()
+    assert rendered == [tokenization.render_prompt_ids(tokenizer, messages) for messages in conversations]
+    assert len({id(ids) for ids in rendered}) == len(rendered)
