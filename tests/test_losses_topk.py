@@ -185,6 +185,7 @@ def test_dense_teacher_keeps_cached_values_and_tail_mass_with_padding():
     for teacher in (plain, padded):
         dense = dense_teacher(teacher, 50, torch.float64)  # (4, 50)
         assert dense.shape == (4, 50) and torch.isfinite(dense).all()
+        assert (dense[:, :-1] >= dense[:, 1:]).all()  # built in descending order (sorted_l1 skips its sort)
         torch.testing.assert_close(torch.logsumexp(dense, 1), torch.zeros(4, dtype=torch.float64))
         top = dense.sort(dim=1, descending=True).values[:, :6]
         torch.testing.assert_close(top, values)  # the tail never exceeds the smallest cached value here
@@ -208,3 +209,19 @@ def test_topk_losses_track_the_exact_losses_on_a_zipf_pair():
     assert diag["matched_low"] <= exact_diag["matched"] <= diag["matched_high"]
     assert abs(float(hybrid_k) - float(hybrid_exact)) / float(hybrid_exact) < 0.05
     assert diag["matched"] == pytest.approx((diag["matched_low"] + diag["matched_high"]) / 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # NumPy and torch sort paths
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_sorted_l1_with_a_presorted_teacher_equals_the_sorting_path(dtype, mode):
+    from gold_pipeline.losses.uld import sorted_l1
+
+    gen = torch.Generator().manual_seed(4)
+    s = torch.log_softmax(torch.randn(6, 300, generator=gen, dtype=dtype) * 2, -1).requires_grad_()
+    t = torch.log_softmax(torch.randn(6, 400, generator=gen, dtype=dtype) * 2, -1)
+    t[:, -7:] = float("-inf")
+    t_desc = t.sort(dim=1, descending=True).values
+    a, _ = sorted_l1(s, t, mode=mode, fast_k=16, fast_tol=None)
+    b, _ = sorted_l1(s, t_desc, mode=mode, fast_k=16, fast_tol=None, teacher_sorted=True)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(torch.autograd.grad(a.sum(), s)[0], torch.autograd.grad(b.sum(), s)[0])

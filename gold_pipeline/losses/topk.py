@@ -49,6 +49,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ._common import TRL_LOG_FLOOR, Denominator, generalized_jsd_terms, resolve_denominator, upcast
@@ -147,64 +148,89 @@ class TailModel:
         return values.add_(shift)
 
 
-def _log_power_integral(a: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+def _log_power_integral(a: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
     """log of the integral of x**-a over [x0, x1], 1 <= x0 < x1 (all (G,) float64)."""
     b = 1.0 - a
-    span = torch.log(x1) - torch.log(x0)
-    near = b.abs() < 1e-9
-    safe_b = torch.where(near, torch.ones_like(b), b)
-    general = b * torch.log(x0) + torch.log(torch.expm1(safe_b * span) / safe_b)
-    return torch.where(near, torch.log(span), general)
+    span = np.log(x1) - np.log(x0)
+    near = np.abs(b) < 1e-9
+    safe_b = np.where(near, 1.0, b)
+    with np.errstate(divide="ignore"):
+        general = b * np.log(x0) + np.log(np.expm1(safe_b * span) / safe_b)
+    return np.where(near, np.log(span), general)
 
 
 def tail_model(teacher: TopkMerged, vocab_size: int, iterations: int = 60) -> TailModel:
     """Fit the power-law tail of each group: the exponent a_g >= 0 whose continuation of the k_g-th cached value
     over ranks k_g+1..V carries the tail mass T_g (the sum approximated by the midpoint-rule integral; callers
-    renormalize exactly). a_g = 0 (a flat tail) when even a flat continuation is too light.
+    renormalize exactly). a_g = 0 (a flat tail) when even a flat continuation is too light. The bisection runs in
+    NumPy on (G,) vectors (no per-op thread dispatch).
 
     Args:
         teacher: merged top-k teacher (G, K) + tail; empty slots have id -1. vocab_size: V, the FULL teacher
             vocabulary size.
     """
-    ids, logprobs = teacher.ids, teacher.logprobs.detach().double()
-    valid = ids >= 0
+    valid = teacher.ids >= 0
     count = valid.sum(1)  # (G,)
     if count.numel() and int(count.max()) > vocab_size:
         raise ValueError(f"top-k teacher has {int(count.max())} entries per group but the vocabulary size is "
                          f"{vocab_size}: pass the full teacher vocabulary size.")
-    log_kth = logprobs.masked_fill(~valid, math.inf).min(1).values  # (G,) smallest cached value
-    log_kth = torch.where(count > 0, log_kth, torch.zeros_like(log_kth))  # nothing cached: flat tail
-    log_mass = teacher.tail_logprob.detach().double()
-    k = count.clamp_min(1).double()
-    x0, x1 = (k + 0.5) / k, torch.full_like(k, vocab_size + 0.5) / k
-    has_tail = (count < vocab_size) & torch.isfinite(log_mass) & (count > 0)
-    x1 = torch.where(has_tail, x1, x0 + 1.0)
-    base = log_kth + torch.log(k)  # log p_k + log k
+    log_kth_t = teacher.logprobs.detach().double().masked_fill(~valid, math.inf).min(1).values  # (G,) smallest
+    device = log_kth_t.device
+    n = count.cpu().numpy()
+    log_kth = np.where(n > 0, log_kth_t.cpu().numpy(), 0.0)  # nothing cached: flat tail
+    log_mass = teacher.tail_logprob.detach().double().cpu().numpy()
+    k = np.maximum(n, 1).astype(np.float64)
+    has_tail = (n < vocab_size) & np.isfinite(log_mass) & (n > 0)
+    x0 = (k + 0.5) / k
+    x1 = np.where(has_tail, (vocab_size + 0.5) / k, x0 + 1.0)
+    base = log_kth + np.log(k)  # log p_k + log k
 
     def mass(a):
         return base + _log_power_integral(a, x0, x1)
 
-    lo, hi = torch.zeros_like(k), torch.full_like(k, 64.0)
+    lo, hi = np.zeros_like(k), np.full_like(k, 64.0)
     for _ in range(iterations):  # mass(a) decreases in a
         mid = (lo + hi) / 2
         heavy = mass(mid) > log_mass
-        lo, hi = torch.where(heavy, mid, lo), torch.where(heavy, hi, mid)
-    exponent = torch.where(has_tail & (mass(torch.zeros_like(k)) > log_mass), (lo + hi) / 2, torch.zeros_like(k))
-    return TailModel(count=count, log_kth=log_kth, exponent=exponent, log_mass=log_mass, vocab_size=vocab_size)
+        lo, hi = np.where(heavy, mid, lo), np.where(heavy, hi, mid)
+    exponent = np.where(has_tail & (mass(np.zeros_like(k)) > log_mass), (lo + hi) / 2, 0.0)
+    as_t = (lambda x: torch.from_numpy(x).to(device))
+    return TailModel(count=count, log_kth=as_t(log_kth), exponent=as_t(exponent), log_mass=as_t(log_mass),
+                     vocab_size=vocab_size)
 
 
-def _fill_last(tail: torch.Tensor, cached: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Replace the last ``count[g]`` entries of each row of ``tail`` (G, W) by the valid (finite) entries of
-    ``cached`` (G, K); count[g] = number of finite entries of cached row g, at most W."""
-    width = tail.shape[1]
-    ordered = cached.sort(dim=1, descending=True).values[:, :width]  # finite (valid) entries first
-    k = ordered.shape[1]
+def _merge_desc(cached: torch.Tensor, count: torch.Tensor, tail: torch.Tensor, width: int) -> torch.Tensor:
+    """Merge cached values into a descending tail, without sorting the tail.
+
+    Args:
+        cached: (G, K) log-values, ``count[g]`` of them finite (any order), the rest -inf.
+        tail: (G, L) log-values in descending order; row g has ``width - count[g]`` finite entries first, -inf after.
+        width: W, the finite entries per row (``count[g]`` + live tail entries); L >= W - min(count).
+    Returns:
+        (G, W) descending: the cached values and the live tail entries of each row.
+    """
+    k = cached.shape[1]
     if k == 0:
-        return tail
-    cols = torch.arange(width - k, width, device=tail.device)  # (k,)
-    q = cols.unsqueeze(0) - (width - count).unsqueeze(1)  # (G, k) index into ordered; < 0 keeps the tail entry
-    head = torch.where(q >= 0, ordered.gather(1, q.clamp_min(0)), tail[:, width - k:])
-    return torch.cat([tail[:, : width - k], head], dim=1)
+        return tail[:, :width]
+    ordered = cached.sort(dim=1, descending=True).values  # (G, K) finite first
+    smallest = ordered.gather(1, (count - 1).clamp_min(0).unsqueeze(1))  # (G, 1) smallest cached value
+    smallest = torch.where(count.unsqueeze(1) > 0, smallest, torch.full_like(smallest, math.inf))
+    # tail entries above the smallest cached value (few: the tail continues below the k-th value) are merged by a
+    # small sort; every later tail entry is below all cached values
+    n, length = 0, tail.shape[1]
+    if tail.numel():
+        m = min(length, 2 * k)
+        while m < length and bool((tail[:, m - 1] > smallest[:, 0]).any()):  # descending: grow the prefix
+            m = min(length, 4 * m)
+        n = int((tail[:, :m] > smallest).sum(1).max())
+    head = torch.cat([ordered, tail[:, :n]], dim=1).sort(dim=1, descending=True).values  # (G, K + n)
+    finite = count + (width - count).clamp_max(n)  # (G,) finite entries of head
+    if bool((finite == k + n).all()):  # no -inf inside head (every row has K cached values): concatenate
+        return torch.cat([head, tail[:, n: n + width - k - n]], dim=1) if width >= k + n else head[:, :width]
+    full = torch.cat([head, tail[:, n:]], dim=1)  # (G, K + L): head, its -inf block, the rest of the tail
+    p = torch.arange(width, device=tail.device).unsqueeze(0)  # (1, W)
+    index = torch.where(p < finite.unsqueeze(1), p, p + (k + n - finite).unsqueeze(1))
+    return full.gather(1, index)
 
 
 def _stratified_fracs(slots: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -215,15 +241,22 @@ def _stratified_fracs(slots: torch.Tensor, width: int, dtype: torch.dtype) -> to
 
 
 def dense_teacher(teacher: TopkMerged, vocab_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(G, V) merged teacher log-values: the cached entries plus the power-law tail at ranks k_g+1..V (in no
-    particular column order: for ULD only the multiset matters)."""
+    """(G, V) merged teacher log-values: the cached entries plus the power-law tail at ranks k_g+1..V, sorted in
+    descending order (not in vocabulary order: for ULD only the multiset matters)."""
     model = tail_model(teacher, vocab_size)
-    slots = vocab_size - model.count  # (G,)
-    fracs = _stratified_fracs(slots, vocab_size, dtype)  # the first `slots` entries: ranks k+0.5, ..., V-0.5
-    live = torch.arange(vocab_size, device=slots.device).unsqueeze(0) < slots.unsqueeze(1)
-    tail = model.log_values(fracs, model.log_mass, live, dtype)
     cached = teacher.logprobs.to(dtype).masked_fill(teacher.ids < 0, -math.inf)
-    return _fill_last(tail, cached, model.count)
+    return _merge_desc(cached, model.count, _tail_block(model, vocab_size - model.count, model.log_mass, dtype),
+                       vocab_size)
+
+
+def _tail_block(model: TailModel, slots: torch.Tensor, log_mass: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(G, max slots) descending modelled tail: ``slots[g]`` equally spaced tail quantiles carrying ``log_mass[g]``,
+    then -inf."""
+    width = int(slots.max()) if slots.numel() else 0
+    if slots.numel() and bool((slots == width).all()):  # same count in every row: one shared row of positions
+        return model.log_values(_stratified_fracs(slots[:1], width, dtype), log_mass, None, dtype)
+    live = torch.arange(width, device=slots.device).unsqueeze(0) < slots.unsqueeze(1)
+    return model.log_values(_stratified_fracs(slots, width, dtype), log_mass, live, dtype)
 
 
 def uld_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, teacher_vocab_size: int, *,
@@ -239,7 +272,7 @@ def uld_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, teacher_voc
         group), "topk_error_bound" (``weight * 2 * sum_g T_g / denominator``, bounds |loss - exact loss|).
     """
     dense = dense_teacher(teacher, teacher_vocab_size, student_merged.dtype)  # (G, Vt)
-    l1, _ = sorted_l1(student_merged, dense, mode=mode, fast_k=fast_k)
+    l1, _ = sorted_l1(student_merged, dense, mode=mode, fast_k=fast_k, teacher_sorted=True)
     groups = l1.shape[0]
     denom = resolve_denominator(denominator, groups, what="uld_loss_topk")
     loss = l1.sum() / denom
@@ -385,11 +418,9 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
         cached_u = torch.where(is_matched, neg_inf, t_lp)  # (G, K) cached unmatched entries
         count_u = (valid & ~is_matched).sum(1)
         slots = (width - count_u).clamp_min(0)  # unmatched columns outside the top-k
-        fracs = _stratified_fracs(slots, width, dtype)
-        live = torch.arange(width, device=device).unsqueeze(0) < slots.unsqueeze(1)
-        tail_u = model.log_values(fracs, log_t_unmatched, live, dtype)  # (G, Ut)
-        t_u = _fill_last(tail_u, cached_u, count_u)
-        l1, _ = sorted_l1(s_u, t_u, mode=mode, fast_k=fast_k)
+        tail_u = _tail_block(model, slots, log_t_unmatched, dtype)  # (G, max slots)
+        t_u = _merge_desc(cached_u, count_u, tail_u, width)  # (G, Ut) descending
+        l1, _ = sorted_l1(s_u, t_u, mode=mode, fast_k=fast_k, teacher_sorted=True)
         unmatched = l1.sum() / denom
 
     loss = weight * (w_m * matched + w_u * unmatched)

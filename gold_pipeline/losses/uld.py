@@ -79,14 +79,18 @@ def _np_sort_asc(p: np.ndarray, with_perm: bool) -> tuple[np.ndarray, np.ndarray
     return values, perm
 
 
-def _exact_chunk_numpy(s_lp: torch.Tensor, t_lp: torch.Tensor, need_s: bool, need_t: bool):
+def _exact_chunk_numpy(s_lp: torch.Tensor, t_lp: torch.Tensor, need_s: bool, need_t: bool, t_desc: bool = False):
     """(c, Vs), (c, Vt) log-probs -> per-row L1 (c,) float64 and gradient directions d uld / d logp."""
     s = np.exp(s_lp.detach().numpy())  # NumPy, not torch: this runs on worker threads (no nested OpenMP)
     t = np.exp(t_lp.detach().numpy())
     vs, vt = s.shape[1], t.shape[1]
     length = min(vs, vt)
     s_sorted, s_perm = _np_sort_asc(s, need_s)
-    t_sorted, t_perm = _np_sort_asc(t, need_t)
+    if t_desc:  # rows already sorted descending: reverse instead of sorting
+        t_sorted = t[:, ::-1]
+        t_perm = np.broadcast_to(np.arange(vt - 1, -1, -1), t.shape) if need_t else None
+    else:
+        t_sorted, t_perm = _np_sort_asc(t, need_t)
     # ascending order: the largest ranks sit at the right end; zero padding pairs with the left ends
     diff = s_sorted[:, vs - length:] - t_sorted[:, vt - length:]  # (c, L)
     l1 = np.abs(diff).sum(axis=1).astype(np.float64)  # pairwise float32 sums, no float64 copy of the rows
@@ -108,13 +112,17 @@ def _exact_chunk_numpy(s_lp: torch.Tensor, t_lp: torch.Tensor, need_s: bool, nee
             None if grad_t is None else torch.from_numpy(grad_t))
 
 
-def _exact_chunk_torch(s_lp: torch.Tensor, t_lp: torch.Tensor, need_s: bool, need_t: bool):
+def _exact_chunk_torch(s_lp: torch.Tensor, t_lp: torch.Tensor, need_s: bool, need_t: bool, t_desc: bool = False):
     s = s_lp.detach().exp()
     t = t_lp.detach().exp()
     vs, vt = s.shape[1], t.shape[1]
     length = min(vs, vt)
     s_sorted, s_perm = s.sort(dim=1)
-    t_sorted, t_perm = t.sort(dim=1)
+    if t_desc:
+        t_sorted = t.flip(1)
+        t_perm = torch.arange(vt - 1, -1, -1, device=t.device).expand(t.shape[0], vt)
+    else:
+        t_sorted, t_perm = t.sort(dim=1)
     diff = s_sorted[:, vs - length:] - t_sorted[:, vt - length:]
     l1 = (diff.abs().sum(1).double() + s_sorted[:, : vs - length].sum(1).double()
           + t_sorted[:, : vt - length].sum(1).double())
@@ -132,11 +140,14 @@ def _exact_chunk_torch(s_lp: torch.Tensor, t_lp: torch.Tensor, need_s: bool, nee
 
 
 # ------------------------------------------------------------------------------------------------------ fast mode --
-def _fast_chunk(s_lp: torch.Tensor, t_lp: torch.Tensor, need_s: bool, need_t: bool, k: int):
+def _fast_chunk(s_lp: torch.Tensor, t_lp: torch.Tensor, need_s: bool, need_t: bool, k: int, t_desc: bool = False):
     s = s_lp.detach().exp()
     t = t_lp.detach().exp()
     s_top, s_idx = s.topk(k, dim=1)  # (c, k) descending
-    t_top, t_idx = t.topk(k, dim=1)
+    if t_desc:
+        t_top, t_idx = t[:, :k], torch.arange(k, device=t.device).expand(t.shape[0], k)
+    else:
+        t_top, t_idx = t.topk(k, dim=1)
     diff = s_top - t_top
     # float32 sums (cascade summation) converted afterwards: a float64 `dtype=` would copy the whole (c, V) tensor
     s_tail = (s.sum(1).double() - s_top.sum(1).double()).clamp_min(0)
@@ -168,11 +179,15 @@ def _top_desc(values: np.ndarray, k: int, with_idx: bool):
     return top, idx
 
 
-def _fast_chunk_numpy(s_lp: torch.Tensor, t_lp: torch.Tensor, need_s: bool, need_t: bool, k: int):
+def _fast_chunk_numpy(s_lp: torch.Tensor, t_lp: torch.Tensor, need_s: bool, need_t: bool, k: int,
+                      t_desc: bool = False):
     s = np.exp(s_lp.detach().numpy())
     t = np.exp(t_lp.detach().numpy())
     s_top, s_idx = _top_desc(s, k, need_s)
-    t_top, t_idx = _top_desc(t, k, need_t)
+    if t_desc:
+        t_top, t_idx = t[:, :k], (np.broadcast_to(np.arange(k), (t.shape[0], k)) if need_t else None)
+    else:
+        t_top, t_idx = _top_desc(t, k, need_t)
     diff = s_top - t_top  # (c, k)
     s_tail = np.clip(s.sum(axis=1).astype(np.float64) - s_top.sum(axis=1), 0, None)
     t_tail = np.clip(t.sum(axis=1).astype(np.float64) - t_top.sum(axis=1), 0, None)
@@ -212,7 +227,7 @@ class _SortedL1(torch.autograd.Function):
     """Per-group sorted L1 (G,) with a backward that needs no stored sort indices."""
 
     @staticmethod
-    def forward(ctx, student_logprobs, teacher_logprobs, mode, fast_k, stats, fast_tol=None):
+    def forward(ctx, student_logprobs, teacher_logprobs, mode, fast_k, stats, fast_tol=None, t_desc=False):
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rows = student_logprobs.shape[0]
         width = max(student_logprobs.shape[1], teacher_logprobs.shape[1])
@@ -224,11 +239,11 @@ class _SortedL1(torch.autograd.Function):
             s, t = student_logprobs[a:b], teacher_logprobs[a:b]
             if mode == "fast":
                 if use_numpy:
-                    return _fast_chunk_numpy(s.contiguous(), t.contiguous(), need_s, need_t, fast_k)
-                return _fast_chunk(s, t, need_s, need_t, fast_k)
+                    return _fast_chunk_numpy(s.contiguous(), t.contiguous(), need_s, need_t, fast_k, t_desc)
+                return _fast_chunk(s, t, need_s, need_t, fast_k, t_desc)
             if use_numpy:
-                return _exact_chunk_numpy(s.contiguous(), t.contiguous(), need_s, need_t)
-            return _exact_chunk_torch(s, t, need_s, need_t)
+                return _exact_chunk_numpy(s.contiguous(), t.contiguous(), need_s, need_t, t_desc)
+            return _exact_chunk_torch(s, t, need_s, need_t, t_desc)
 
         spans = _chunks(rows, width)
         parts = _run_chunks(one, spans) if use_numpy else [one(span) for span in spans]
@@ -244,7 +259,7 @@ class _SortedL1(torch.autograd.Function):
                 exact = _exact_chunk_numpy if use_numpy else _exact_chunk_torch
                 s_rows = student_logprobs[redo].contiguous()
                 t_rows = teacher_logprobs[redo].contiguous()
-                r_l1, r_gs, r_gt = exact(s_rows, t_rows, need_s, need_t)
+                r_l1, r_gs, r_gt = exact(s_rows, t_rows, need_s, need_t, t_desc)
                 l1[redo] = r_l1.to(l1.dtype)
                 bound[redo] = 0.0
                 if grad_s is not None:
@@ -261,12 +276,13 @@ class _SortedL1(torch.autograd.Function):
         grad_s, grad_t = ctx.saved_tensors
         out_s = None if grad_s is None else grad_s.to(grad_out.device) * grad_out.unsqueeze(1)
         out_t = None if grad_t is None else grad_t.to(grad_out.device) * grad_out.unsqueeze(1)
-        return out_s, out_t, None, None, None, None
+        return out_s, out_t, None, None, None, None, None
 
 
 def sorted_l1(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, *, mode: UldMode = "exact",
               fast_k: int = DEFAULT_FAST_K,
-              fast_tol: float | None = DEFAULT_FAST_TOL) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              fast_tol: float | None = DEFAULT_FAST_TOL,
+              teacher_sorted: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-group ULD distance.
 
     Args:
@@ -275,6 +291,8 @@ def sorted_l1(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, *,
         mode: "exact" (full sort) or "fast" (top-``fast_k`` ranks exact + tail mass bound).
         fast_tol: fast mode only: the rows with the largest error bounds are recomputed by a full sort until the
             summed bound is <= fast_tol times the summed value (relative error of the sum <= fast_tol); None: never.
+        teacher_sorted: the teacher rows are already sorted in descending order (their sort is skipped; the caller
+            guarantees the order, e.g. ``topk.dense_teacher``).
     Returns:
         (G,) L1 distances in the student dtype, and a stats dict of (G,) float64 tensors ("bound", "student_tail",
         "teacher_tail") in fast mode (empty in exact mode).
@@ -288,7 +306,7 @@ def sorted_l1(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, *,
         mode = "exact"  # top-k covers the smaller vocabulary: the full sort is as cheap and exact
     if mode == "fast" and fast_k < 1:
         raise ValueError(f"fast_k must be >= 1 (got {fast_k}).")
-    l1 = _SortedL1.apply(student_logprobs, teacher_logprobs, mode, fast_k, stats, fast_tol)
+    l1 = _SortedL1.apply(student_logprobs, teacher_logprobs, mode, fast_k, stats, fast_tol, teacher_sorted)
     return l1, stats
 
 
