@@ -225,3 +225,20 @@ def test_sorted_l1_with_a_presorted_teacher_equals_the_sorting_path(dtype, mode)
     b, _ = sorted_l1(s, t_desc, mode=mode, fast_k=16, fast_tol=None, teacher_sorted=True)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(torch.autograd.grad(a.sum(), s)[0], torch.autograd.grad(b.sum(), s)[0])
+
+
+def test_merge_desc_equals_sorting_the_union():
+    from gold_pipeline.losses.topk import _merge_desc
+
+    gen = torch.Generator().manual_seed(7)
+    groups, k, width = 9, 6, 40
+    count = torch.tensor([6, 0, 3, 6, 1, 5, 2, 6, 4])
+    cached = torch.randn(groups, k, generator=gen, dtype=torch.float64)
+    cached = cached.masked_fill(torch.arange(k).unsqueeze(0) >= count.unsqueeze(1), float("-inf"))
+    cached = cached.gather(1, torch.argsort(torch.rand(groups, k, generator=gen), dim=1))  # any order
+    tail = torch.randn(groups, width, generator=gen, dtype=torch.float64).sort(1, descending=True).values - 0.5
+    tail = tail.masked_fill(torch.arange(width).unsqueeze(0) >= (width - count).unsqueeze(1), float("-inf"))
+    got = _merge_desc(cached, count, tail, width)
+    expected = torch.cat([cached, tail], 1).sort(1, descending=True).values[:, :width]
+    torch.testing.assert_close(got, expected)
+    assert torch.isfinite(got).all()

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from ._common import TRL_LOG_FLOOR, Denominator, generalized_jsd_terms, resolve_denominator, upcast
-from .hybrid import VocabSplit, hybrid_weights, jsd_on_columns, vocab_split
+from .hybrid import VocabSplit, hybrid_weights, jsd_on_columns, split_columns, vocab_split
 from .merge import MergeStrategy, _check_inputs, merge_scalars
 from .uld import DEFAULT_FAST_K, UldMode, sorted_l1
 
@@ -227,10 +227,18 @@ def _merge_desc(cached: torch.Tensor, count: torch.Tensor, tail: torch.Tensor, w
     finite = count + (width - count).clamp_max(n)  # (G,) finite entries of head
     if bool((finite == k + n).all()):  # no -inf inside head (every row has K cached values): concatenate
         return torch.cat([head, tail[:, n: n + width - k - n]], dim=1) if width >= k + n else head[:, :width]
-    full = torch.cat([head, tail[:, n:]], dim=1)  # (G, K + L): head, its -inf block, the rest of the tail
-    p = torch.arange(width, device=tail.device).unsqueeze(0)  # (1, W)
-    index = torch.where(p < finite.unsqueeze(1), p, p + (k + n - finite).unsqueeze(1))
-    return full.gather(1, index)
+    # rows with fewer cached values: head holds (K + n - finite) -inf entries, so each such row's rest of the tail
+    # moves left by that shift (one contiguous row copy each: cheaper than an index tensor of the whole block)
+    out = torch.empty(tail.shape[0], width, dtype=tail.dtype, device=tail.device)
+    lead = min(k + n, width)
+    p = torch.arange(lead, device=tail.device).unsqueeze(0)  # (1, lead)
+    shift = k + n - finite  # (G,)
+    head_ext = torch.cat([head, tail[:, n: n + k]], dim=1)  # (G, 2K + n): enough tail after head for any shift
+    out[:, :lead] = head_ext.gather(1, torch.where(p < finite.unsqueeze(1), p, p + shift.unsqueeze(1)))
+    if width > lead:
+        for g, d in enumerate(shift.tolist()):  # bulk region: out[g, p] = tail[g, p - k + d] for p >= k + n
+            out[g, lead:] = tail[g, lead - k + d: width - k + d]
+    return out
 
 
 def _stratified_fracs(slots: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -373,10 +381,12 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
     log_t_matched = model.log_mass + rho.log()  # (G,) float64 teacher tail mass on matched columns
     log_t_unmatched = model.log_mass + (1 - rho).log()
 
+    s_matched, s_unmatched = split_columns(student_merged, split.student_matched, split.student_unmatched,
+                                           split.student_ids_unique)  # (G, M), (G, Us)
     matched = low = high = student_merged.new_zeros(())
     if m_cols:
         s_k = student_merged.gather(1, s_col.clamp_min(0))  # (G, K)
-        s_all = student_merged.index_select(1, split.student_matched.to(device))  # (G, M)
+        s_all = s_matched  # (G, M)
         # top-k matched columns: exact terms
         live_k = torch.cat([is_matched, torch.ones_like(is_matched[:, :1])], dim=1)  # (G, K + 1)
         # tail, lower bracket: one coarsened cell (student / teacher mass on matched columns outside the top-k)
@@ -413,7 +423,7 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
 
     unmatched = student_merged.new_zeros(())
     if split.student_unmatched.numel() and split.teacher_unmatched.numel():
-        s_u = student_merged.index_select(1, split.student_unmatched.to(device))  # (G, Us)
+        s_u = s_unmatched  # (G, Us)
         width = split.teacher_unmatched.numel()
         cached_u = torch.where(is_matched, neg_inf, t_lp)  # (G, K) cached unmatched entries
         count_u = (valid & ~is_matched).sum(1)
