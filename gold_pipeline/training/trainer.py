@@ -327,9 +327,9 @@ class GOLDTrainer(Trainer):
 
     def _vocab_map(self):
         from gold_pipeline.losses import vocab_split
-        from gold_pipeline.vocab_map import build_vocab_map
+        from gold_pipeline.vocab_map import cached_vocab_map
 
-        mapping = build_vocab_map(self.pair.student_table, self.pair.teacher_table)  # (M, 2)
+        mapping = cached_vocab_map(self.pair.student_table, self.pair.teacher_table)  # (M, 2)
         keep = (mapping[:, 0] < self.student_width) & (mapping[:, 1] < self.teacher_width)
         return vocab_split(mapping[keep], self.student_width, self.teacher_width)
 
