@@ -115,3 +115,24 @@ def test_manifest_of_other_tokenizers_is_refused(tmp_path, aligned_dir):
     with pytest.raises(ValueError, match="student tokenizer") as error:
         _trainer(tmp_path, aligned_dir, student_tokenizer="pkg:cl100k")
     assert "gold align" in str(error.value)
+
+
+def test_topk_columns_are_read_as_numpy_rows_and_collate_like_lists():
+    import numpy as np
+    import pyarrow as pa
+
+    from gold_pipeline.training.data import _numpy_rows
+
+    rows = [[[1, 2, 3], [4, 5, 6]], [], [[7, 8, 9]]]
+    kind = pa.list_(pa.list_(pa.int32()))
+    column = pa.chunked_array([pa.array(rows[:1], type=kind), pa.array(rows[1:], type=kind)])
+    got = _numpy_rows(column)
+    assert [r.tolist() for r in got] == rows and got[0].shape == (2, 3) and got[1].shape == (0, 3)
+    flat = _numpy_rows(pa.chunked_array([pa.array([[0.5, -1.0], [], [2.0]])]))
+    assert [r.tolist() for r in flat] == [[0.5, -1.0], [], [2.0]]
+    sliced = pa.array(rows, type=kind).slice(1)
+    assert [r.tolist() for r in _numpy_rows(sliced)] == rows[1:]
+    # null rows or ragged inner lists: plain Python lists, as before
+    assert _numpy_rows(pa.array([[[1]], None])) == [[[1]], None]
+    assert _numpy_rows(pa.array([[[1, 2], [3]]])) == [[[1, 2], [3]]]
+    assert isinstance(np.asarray(got[2]), np.ndarray)

@@ -233,7 +233,8 @@ class AlignedShardDataset(torch.utils.data.Dataset):
             return self._cache[block_index]
         path, rg, _ = self._blocks[block_index]
         table = pq.ParquetFile(path).read_row_group(rg, columns=self.columns)
-        block = {name: table.column(name).to_pylist() for name in self.columns}
+        block = {name: (_numpy_rows(table.column(name)) if name in TOPK_COLUMNS else table.column(name).to_pylist())
+                 for name in self.columns}
         self._cache[block_index] = block
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -251,6 +252,33 @@ class AlignedShardDataset(torch.utils.data.Dataset):
         row = {name: block[name][offset] for name in self.columns}
         row = fit_row(row, self.pair, self.max_completion_length, self.prompt_budget)
         return row
+
+
+def _numpy_rows(column) -> list:
+    """A top-K column (list<list<x>> or list<x> per row) as one NumPy array per row: (n, K) or (n,).
+
+    The cached top-K is the bulk of a row (2 x K numbers per teacher token); as arrays it is collated without a
+    Python loop over its numbers, and accelerate's device transfer treats each array as one leaf instead of walking
+    every number of nested lists. A column with null rows or ragged inner lists stays Python lists."""
+    import pyarrow as pa
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if column.null_count or not pa.types.is_list(column.type):
+        return column.to_pylist()
+    tokens = column.flatten()  # (Nt,) per-token values: list<x> of K entries, or x
+    if pa.types.is_list(tokens.type):
+        widths = tokens.value_lengths().to_numpy(zero_copy_only=False)
+        numbers = tokens.flatten()
+        if tokens.null_count or numbers.null_count or (widths.size and (widths != widths[0]).any()):
+            return column.to_pylist()
+        k = int(widths[0]) if widths.size else 0
+        flat = numbers.to_numpy(zero_copy_only=False).reshape(len(tokens), k)  # (Nt, K)
+    else:
+        if tokens.null_count:
+            return column.to_pylist()
+        flat = tokens.to_numpy(zero_copy_only=False)  # (Nt,)
+    bounds = np.concatenate([[0], np.cumsum(column.value_lengths().to_numpy(zero_copy_only=False))])
+    return [flat[bounds[i]: bounds[i + 1]] for i in range(len(column))]
 
 
 def fit_row(row: dict, pair: TokenizerPair, max_completion_length: int, budget: int | None) -> dict:
@@ -483,11 +511,13 @@ def collate_rows(rows: list[dict], pair: TokenizerPair) -> dict[str, Any]:
         rows=rows,
     )
     if rows and all(r.get(c) is not None for r in rows for c in TOPK_COLUMNS):
-        K = len(rows[0]["teacher_topk_ids"][0]) if rows[0]["teacher_topk_ids"] else 0
-        batch["teacher_topk_ids"] = torch.tensor(
-            [k for r in rows for k in r["teacher_topk_ids"]], dtype=torch.long).reshape(-1, K)  # (Nt, K)
-        batch["teacher_topk_logprobs"] = torch.tensor(
-            [k for r in rows for k in r["teacher_topk_logprobs"]], dtype=torch.float32).reshape(-1, K)  # (Nt, K)
-        batch["teacher_token_logprobs"] = torch.tensor(
-            [x for r in rows for x in r["teacher_token_logprobs"]], dtype=torch.float32)  # (Nt,)
+        K = max((len(r["teacher_topk_ids"][0]) for r in rows if len(r["teacher_topk_ids"])), default=0)
+
+        def flat(name: str, dtype) -> np.ndarray:  # rows' (n_r, K) or (n_r,) values stacked: (Nt, K) or (Nt,)
+            parts = [np.asarray(r[name], dtype=dtype) for r in rows]
+            return np.concatenate([p.reshape(-1, K) if name != "teacher_token_logprobs" else p for p in parts])
+
+        batch["teacher_topk_ids"] = torch.from_numpy(flat("teacher_topk_ids", np.int64))  # (Nt, K)
+        batch["teacher_topk_logprobs"] = torch.from_numpy(flat("teacher_topk_logprobs", np.float32))  # (Nt, K)
+        batch["teacher_token_logprobs"] = torch.from_numpy(flat("teacher_token_logprobs", np.float32))  # (Nt,)
     return batch
