@@ -125,24 +125,30 @@ class TailModel:
     log_mass: torch.Tensor
     vocab_size: int
 
-    def log_values(self, frac: torch.Tensor, log_mass: torch.Tensor, live: torch.Tensor | None = None,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def log_values(self, position: torch.Tensor, step: torch.Tensor, log_mass: torch.Tensor,
+                   live: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Model log-values at tail positions, rescaled so the ``live`` entries of each row sum to exp(log_mass).
 
         Args:
-            frac: (G, n) or (1, n) positions in [0, 1] along the tail: rank r = k_g + frac * (V - k_g).
+            position: (1, n) or (G, n) positions along each row's tail, in units of ``step``.
+            step: (G,) or scalar fraction of the tail per position unit: the rank is k_g + position * step * (V - k_g).
             log_mass: (G,) target log-mass of the live entries. live: (G, n) bool entries that count (None = all);
                 dead entries come back as -inf.
         Returns:
-            (G, n) log-values in ``dtype`` (computed in ``dtype``: these are (G, V)-sized).
+            (G, n) log-values in ``dtype`` (computed in ``dtype``: these are (G, V)-sized); increasing positions
+            give non-increasing values.
         """
         k = self.count.clamp_min(1).double()
-        scale = ((self.vocab_size - k) / k).to(dtype).unsqueeze(1)  # (G, 1): r / k = 1 + frac * scale
-        values = (frac.to(dtype) * scale).log1p_()  # (G, n) log(r / k)
-        values.mul_(-self.exponent.to(dtype).unsqueeze(1)).add_(self.log_kth.to(dtype).unsqueeze(1))
+        factor = (torch.as_tensor(step, dtype=torch.float64, device=k.device) * (self.vocab_size - k) / k)  # (G,)
+        values = (position.to(dtype) * factor.to(dtype).unsqueeze(1)).log1p_()  # (G, n) log(r / k)
+        values = torch.addcmul(self.log_kth.to(dtype).unsqueeze(1), values, -self.exponent.to(dtype).unsqueeze(1))
         if live is not None:
             values.masked_fill_(~live, -math.inf)
-        norm = torch.logsumexp(values, dim=1, keepdim=True)  # (G, 1); -inf when no entry is live
+        if values.shape[1] == 0:
+            return values
+        top = values.amax(dim=1, keepdim=True)  # (G, 1)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        norm = top + torch.exp(values - top).sum(1, keepdim=True).log_()  # (G, 1); -inf when no entry is live
         shift = torch.where(torch.isfinite(norm), log_mass.to(dtype).unsqueeze(1) - norm,
                             torch.full_like(norm, -math.inf))
         return values.add_(shift)
@@ -241,13 +247,6 @@ def _merge_desc(cached: torch.Tensor, count: torch.Tensor, tail: torch.Tensor, w
     return out
 
 
-def _stratified_fracs(slots: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """(G, width) tail positions: ``slots[g]`` equally spaced quantiles (i + 0.5) / slots[g] of the tail, then
-    positions past its end (clamped to 1; callers mark them dead)."""
-    i = torch.arange(width, dtype=dtype, device=slots.device).add_(0.5).unsqueeze(0)  # (1, width)
-    return (i / slots.clamp_min(1).to(dtype).unsqueeze(1)).clamp_max_(1.0)
-
-
 def dense_teacher(teacher: TopkMerged, vocab_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(G, V) merged teacher log-values: the cached entries plus the power-law tail at ranks k_g+1..V, sorted in
     descending order (not in vocabulary order: for ULD only the multiset matters)."""
@@ -261,10 +260,12 @@ def _tail_block(model: TailModel, slots: torch.Tensor, log_mass: torch.Tensor, d
     """(G, max slots) descending modelled tail: ``slots[g]`` equally spaced tail quantiles carrying ``log_mass[g]``,
     then -inf."""
     width = int(slots.max()) if slots.numel() else 0
-    if slots.numel() and bool((slots == width).all()):  # same count in every row: one shared row of positions
-        return model.log_values(_stratified_fracs(slots[:1], width, dtype), log_mass, None, dtype)
+    position = torch.arange(width, dtype=dtype, device=slots.device).add_(0.5).unsqueeze(0)  # (1, width): i + 1/2
+    step = 1.0 / slots.clamp_min(1).double()  # (G,): quantile (i + 1/2) / slots[g] of the tail
+    if slots.numel() and bool((slots == width).all()):  # same count in every row: no dead entries
+        return model.log_values(position, step, log_mass, None, dtype)
     live = torch.arange(width, device=slots.device).unsqueeze(0) < slots.unsqueeze(1)
-    return model.log_values(_stratified_fracs(slots, width, dtype), log_mass, live, dtype)
+    return model.log_values(position, step, log_mass, live, dtype)
 
 
 def uld_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, teacher_vocab_size: int, *,
@@ -409,8 +410,8 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
         in_top = torch.zeros(groups, m_cols + 1, dtype=torch.bool, device=device)
         in_top = in_top.scatter_(1, cols, True)[:, :m_cols]  # (G, M) matched columns in the top-k
         cols = cols.clamp_max(m_cols - 1)
-        fracs = _placement(m_cols).to(device=device, dtype=dtype).unsqueeze(0)  # (1, M)
-        t_placed = model.log_values(fracs, log_t_matched, ~in_top, dtype)  # (G, M)
+        fracs = _placement(m_cols).to(device=device, dtype=dtype).unsqueeze(0)  # (1, M) positions in (0, 1)
+        t_placed = model.log_values(fracs, torch.ones(()), log_t_matched, ~in_top, dtype)  # (G, M)
         placed_all = jsd_on_columns(s_all, t_placed, beta=beta, log_floor=log_floor)  # (G,) all M columns
         # remove the top-k columns' terms from that sum (their teacher value is -inf there, floored if a floor is set)
         t_at_k = t_placed.gather(1, cols)  # (G, K)
