@@ -232,7 +232,7 @@ def _merge_desc(cached: torch.Tensor, count: torch.Tensor, tail: torch.Tensor, w
     head = torch.cat([ordered, tail[:, :n]], dim=1).sort(dim=1, descending=True).values  # (G, K + n)
     finite = count + (width - count).clamp_max(n)  # (G,) finite entries of head
     if bool((finite == k + n).all()):  # no -inf inside head (every row has K cached values): concatenate
-        return torch.cat([head, tail[:, n: n + width - k - n]], dim=1) if width >= k + n else head[:, :width]
+        return torch.cat([head, tail[:, n: width - k]], dim=1) if width >= k + n else head[:, :width]
     # rows with fewer cached values: head holds (K + n - finite) -inf entries, so each such row's rest of the tail
     # moves left by that shift (one contiguous row copy each: cheaper than an index tensor of the whole block)
     out = torch.empty(tail.shape[0], width, dtype=tail.dtype, device=tail.device)
