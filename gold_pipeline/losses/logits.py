@@ -24,7 +24,8 @@ from ._common import Denominator, resolve_denominator
 from .merge import MergeStrategy, merged_logprobs_from_logits
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
-_SUMMED_DIAG = ("matched", "unmatched", "uld", "jsd", "fast_error_bound")
+_SUMMED_DIAG = ("matched", "unmatched", "uld", "jsd", "fast_error_bound", "matched_low", "matched_high",
+                "topk_error_bound")
 
 
 def completion_positions(completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +112,8 @@ def chunked_merged_loss(student: MergeSide, teacher: MergeSide, num_groups: int,
     """Merged-distribution loss computed chunk by chunk over groups.
 
     Args:
-        student, teacher: ``MergeSide`` (hidden states + head, or logits).
+        student, teacher: ``MergeSide`` (hidden states + head, or logits); the teacher may also be a cached top-k
+            ``topk.TopkSide`` (its ``merged`` gives a ``TopkMerged`` for a ``*_loss_topk`` loss_fn).
         num_groups: G (global group ids 0..G-1 on both sides).
         loss_fn: ``loss_fn(student_merged (g, Vs), teacher_merged (g, Vt), denominator=1.0) -> (loss_sum, diag)``,
             e.g. ``functools.partial(hybrid_loss, vocab_map=split, beta=0.5)`` or ``uld_loss``; it must return the

@@ -109,6 +109,25 @@ def merged_topk(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, token_logpr
                       tail_logprob=tail_logprob(base_lp) + scalar)
 
 
+@dataclass
+class TopkSide:
+    """A cached top-k teacher as the teacher side of ``logits.chunked_merged_loss`` (in place of a ``MergeSide``).
+
+    topk_ids, topk_logprobs: (N, K); token_logprobs: (N,); group_ids: (N,) global group ids (-1 = excluded).
+    """
+
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    token_logprobs: torch.Tensor
+    group_ids: torch.Tensor
+
+    def merged(self, g0: int, g1: int, strategy: MergeStrategy) -> TopkMerged:
+        """``merged_topk`` of groups [g0, g1)."""
+        idx = ((self.group_ids >= g0) & (self.group_ids < g1)).nonzero().squeeze(1)
+        return merged_topk(self.topk_ids[idx], self.topk_logprobs[idx], self.token_logprobs[idx],
+                           self.group_ids[idx] - g0, g1 - g0, strategy)
+
+
 # ------------------------------------------------------------------------------------------------ tail model --
 @dataclass(frozen=True)
 class TailModel:
@@ -442,5 +461,5 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
                   "teacher_tail_mass": float(tail.sum() / max(groups, 1))}
 
 
-__all__ = ["TailModel", "TopkMerged", "dense_teacher", "generalized_jsd_loss_topk", "hybrid_loss_topk", "log1mexp",
+__all__ = ["TailModel", "TopkMerged", "TopkSide", "dense_teacher", "generalized_jsd_loss_topk", "hybrid_loss_topk", "log1mexp",
            "merged_topk", "tail_logprob", "tail_model", "uld_loss_topk", "vocab_split"]

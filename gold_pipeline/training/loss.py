@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from gold_pipeline import losses as L
-from gold_pipeline.losses.topk import generalized_jsd_loss_topk, hybrid_loss_topk, merged_topk, uld_loss_topk
+from gold_pipeline.losses.topk import TopkSide, generalized_jsd_loss_topk, hybrid_loss_topk, uld_loss_topk
 
 # Window counts: the denominators of the loss terms, summed over the window and all processes.
 WINDOW_KEYS = ("groups", "tokens", "seqkd_tokens")
@@ -178,11 +178,10 @@ def distillation_loss(
     {"topk_ids": (Nt, K), "topk_logprobs": (Nt, K), "token_logprobs": (Nt,)} from the cache.
     """
     parts: dict[str, torch.Tensor] = {}
-    s_ids, s_groups = batch["student_token_ids"], batch["student_group_ids"]
-    t_ids, t_groups = batch["teacher_token_ids"], batch["teacher_group_ids"]
+    s_ids = batch["student_token_ids"]
     G = int(batch["num_groups"])
 
-    chunked = settings.use_uld_loss and G > 0 and "topk_ids" not in teacher
+    chunked = settings.use_uld_loss and G > 0
     if not chunked:  # the other paths take full logits
         student_logits = as_logits(student_logits)
         if "rows" in teacher:
@@ -191,15 +190,7 @@ def distillation_loss(
         distill, diag = _rows(student_logits).sum() * 0.0, {}
     elif chunked:
         denominator = _denominator(window, "groups", G)
-        distill, diag = _chunked_merged_loss(student_logits, teacher.get("rows", teacher.get("logits")), batch,
-                                             settings, denominator, vocab_map)
-    elif settings.use_uld_loss:  # cached top-K teacher
-        denominator = _denominator(window, "groups", G)
-        student_merged = L.merged_logprobs_from_logits(
-            student_logits, s_ids, s_groups, G, settings.merge_strategy, settings.student_temperature
-        )  # (G, Vs)
-        distill, diag = _topk_merged_loss(student_merged, teacher, t_ids, t_groups, G, settings, denominator,
-                                          vocab_map)
+        distill, diag = _chunked_merged_loss(student_logits, teacher, batch, settings, denominator, vocab_map)
     else:
         mask = torch.ones_like(s_ids, dtype=torch.bool)
         denominator = _denominator(window, "groups", s_ids.numel())
@@ -225,19 +216,24 @@ def distillation_loss(
     return loss, parts
 
 
-def _chunked_merged_loss(student_logits, teacher_logits, batch, settings: LossSettings, denominator, vocab_map):
+def _chunked_merged_loss(student_logits, teacher: dict, batch, settings: LossSettings, denominator, vocab_map):
     """Merge + ULD/hybrid over chunks of `groups_per_chunk` groups, so the (G, V) temporaries of the merge and
-    the sort exist for one chunk at a time; chunks are recomputed in backward (checkpointed)."""
+    the sort exist for one chunk at a time (chunks past the activation budget are recomputed in backward). The
+    teacher side is the teacher model's rows/logits or the cached top-K (then merged per chunk by `TopkSide`)."""
     from functools import partial
 
     from gold_pipeline.losses.logits import MergeSide, chunked_merged_loss
 
+    cached = "topk_ids" in teacher
     if settings.use_hybrid_loss:
-        loss_fn = partial(L.hybrid_loss, vocab_map=vocab_map, beta=settings.beta,
+        loss_fn = partial(hybrid_loss_topk if cached else L.hybrid_loss, vocab_map=vocab_map, beta=settings.beta,
                           matched_weight=settings.matched_weight, unmatched_weight=settings.unmatched_weight,
                           mode=settings.uld_loss_mode)
+    elif cached:
+        loss_fn = partial(uld_loss_topk, teacher_vocab_size=settings.teacher_vocab_size, mode=settings.uld_loss_mode)
     else:
         loss_fn = partial(L.uld_loss, mode=settings.uld_loss_mode)
+
     def side(rows, prefix: str, temperature: float) -> MergeSide:
         if isinstance(rows, CompletionRows):  # (N, H) + head: logits made per chunk
             return MergeSide(rows.hidden, batch[f"{prefix}_token_ids"], batch[f"{prefix}_group_ids"], head=rows.head,
@@ -245,27 +241,18 @@ def _chunked_merged_loss(student_logits, teacher_logits, batch, settings: LossSe
         return MergeSide(rows, batch[f"{prefix}_token_ids"], batch[f"{prefix}_group_ids"], temperature=temperature)
 
     student = side(student_logits, "student", settings.student_temperature)
-    teacher = side(teacher_logits, "teacher", settings.teacher_temperature)
-    return chunked_merged_loss(student, teacher, int(batch["num_groups"]), loss_fn, denominator=denominator,
+    if cached:  # log-probs cached at the training temperature
+        teacher_side = TopkSide(teacher["topk_ids"], teacher["topk_logprobs"], teacher["token_logprobs"],
+                                batch["teacher_group_ids"])
+    else:
+        teacher_side = side(teacher.get("rows", teacher.get("logits")), "teacher", settings.teacher_temperature)
+    return chunked_merged_loss(student, teacher_side, int(batch["num_groups"]), loss_fn, denominator=denominator,
                                strategy=settings.merge_strategy, groups_per_chunk=settings.groups_per_chunk,
                                checkpoint_chunks=settings.checkpoint_chunks, keep_bytes=settings.keep_bytes)
 
 
 def _rows(side: torch.Tensor | CompletionRows) -> torch.Tensor:
     return side.hidden if isinstance(side, CompletionRows) else side
-
-
-def _topk_merged_loss(student_merged, teacher, t_ids, t_groups, G, settings, denominator, vocab_map):
-    teacher_merged = merged_topk(teacher["topk_ids"], teacher["topk_logprobs"], teacher["token_logprobs"],
-                                 t_groups, G, settings.merge_strategy)  # (G, K) + tail
-    if settings.use_hybrid_loss:
-        return hybrid_loss_topk(
-            student_merged, teacher_merged, vocab_map, beta=settings.beta,
-            matched_weight=settings.matched_weight, unmatched_weight=settings.unmatched_weight,
-            denominator=denominator, mode=settings.uld_loss_mode,
-        )
-    return uld_loss_topk(student_merged, teacher_merged, settings.teacher_vocab_size, denominator=denominator,
-                         mode=settings.uld_loss_mode)
 
 
 def _prefixed(prefix: str, diag: dict) -> dict:
