@@ -8,7 +8,7 @@ import torch
 from gold_pipeline.losses import (generalized_jsd_loss, generalized_jsd_loss_topk, hybrid_loss, hybrid_loss_topk,
                                   merged_logprobs_from_logits, merged_topk, tail_logprob, uld_loss, uld_loss_topk,
                                   vocab_split)
-from gold_pipeline.losses.topk import dense_teacher, tail_model
+from gold_pipeline.losses.topk import TopkMerged, dense_teacher, tail_model
 
 STRATEGIES = ("first", "last")
 
@@ -242,3 +242,61 @@ def test_merge_desc_equals_sorting_the_union():
     expected = torch.cat([cached, tail], 1).sort(1, descending=True).values[:, :width]
     torch.testing.assert_close(got, expected)
     assert torch.isfinite(got).all()
+
+
+# ------------------------------------------------------------------------------- NumPy kernels (CPU float32) --
+def _kernel_case(seed, k, vs=300, vt=400, matched=150, groups=12):
+    """A cross-tokenizer pair with padded and empty cache rows, merged student log-probs (float64)."""
+    s_logits, t_logits, s_tok, t_tok, s_gid, t_gid, _, g = _case(seed, vs=vs, vt=vt, groups=groups)
+    gen = torch.Generator().manual_seed(seed)
+    pairs = torch.stack([torch.randperm(vs, generator=gen)[:matched], torch.randperm(vt, generator=gen)[:matched]], 1)
+    teacher = _teacher_topk(t_logits, t_tok, t_gid, g, k, "first")
+    ids, logprobs = teacher.ids.clone(), teacher.logprobs.clone()
+    ids[0, -2:], logprobs[0, -2:] = -1, float("-inf")  # a server returned fewer alternatives
+    ids[3, 1:], logprobs[3, 1:] = -1, float("-inf")  # only one
+    teacher = TopkMerged(ids, logprobs, teacher.tail_logprob)
+    s_m = merged_logprobs_from_logits(s_logits, s_tok, s_gid, g, "first").detach()
+    return s_m, teacher, vocab_split(pairs, vs, vt)
+
+
+def _loss_and_grad(fn, s_m, teacher, dtype):
+    s = s_m.to(dtype).requires_grad_()
+    loss, diag = fn(s, TopkMerged(teacher.ids, teacher.logprobs.to(dtype), teacher.tail_logprob.to(dtype)))
+    return loss.double(), torch.autograd.grad(loss, s)[0].double(), diag
+
+
+@pytest.mark.parametrize("k", [4, 16])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_numpy_kernels_equal_the_torch_path(k, beta):
+    # float32 on CPU takes the NumPy kernels (topk_numpy), float64 the torch reference path
+    s_m, teacher, split = _kernel_case(k, k)
+    for fn in (lambda s, t: hybrid_loss_topk(s, t, split, beta=beta), lambda s, t: uld_loss_topk(s, t, 400)):
+        loss64, grad64, diag64 = _loss_and_grad(fn, s_m, teacher, torch.float64)
+        loss32, grad32, diag32 = _loss_and_grad(fn, s_m, teacher, torch.float32)
+        torch.testing.assert_close(loss32, loss64, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grad32, grad64, rtol=1e-4, atol=1e-6 * float(grad64.abs().max()))
+        for key in ("matched_low", "matched_high", "unmatched"):
+            if key in diag64:
+                assert diag32[key] == pytest.approx(diag64[key], rel=1e-5, abs=1e-8)
+
+
+def test_numpy_teacher_rows_merge_a_tail_that_starts_above_a_cached_value():
+    # the tail is scaled to its mass, so its first values can exceed the smallest cached entry: the kernel's rows
+    # must still come out descending and equal the torch merge
+    from gold_pipeline.losses.topk import TailModel, _merge_desc, _tail_block
+    from gold_pipeline.losses.topk_numpy import _offsets_by_k, _teacher_desc_rows, grid_positions
+
+    width, vocab = 50, 60
+    cached = torch.tensor([[-1.0, -9.0, -2.0, float("-inf")], [-0.5, -1.5, float("-inf"), float("-inf")]])
+    count = torch.tensor([3, 2])
+    slots = width - count
+    model = TailModel(count=torch.tensor([4, 4]), log_kth=torch.tensor([-9.0, -9.0], dtype=torch.float64),
+                      exponent=torch.tensor([0.2, 1.5], dtype=torch.float64),
+                      log_mass=torch.tensor([-1.5, -2.0], dtype=torch.float64), vocab_size=vocab)
+    expected = _merge_desc(cached, count, _tail_block(model, slots, model.log_mass, torch.float32), width).exp()
+    offsets = _offsets_by_k(model.count.numpy(), grid_positions(int(slots.max())), vocab)
+    got = _teacher_desc_rows(cached.numpy(), count.numpy(), slots.numpy(), model.exponent.numpy(),
+                             model.log_mass.numpy(), model.count.numpy(), offsets, width)
+    assert float(expected[0, 3]) > float(torch.tensor(-9.0).exp())  # the case under test: tail above a cached value
+    assert (got[:, :-1] >= got[:, 1:]).all()
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-5, atol=1e-9)

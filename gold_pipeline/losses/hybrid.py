@@ -51,6 +51,23 @@ class VocabSplit:
     def num_matched(self) -> int:
         return int(self.student_matched.shape[0])
 
+    def teacher_to_student(self, device) -> torch.Tensor:
+        """(Vt,) student column of each teacher id, -1 where unmatched (built once per device)."""
+        return self._teacher_index("to_student", device, self.student_matched)
+
+    def teacher_to_matched(self, device) -> torch.Tensor:
+        """(Vt,) position of each teacher id in the matched list, -1 where unmatched (built once per device)."""
+        return self._teacher_index("to_matched", device, torch.arange(self.num_matched))
+
+    def _teacher_index(self, name: str, device, values: torch.Tensor) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_index_cache", {})  # frozen dataclass: a plain cache dict on the instance
+        key = (name, str(torch.device(device)))
+        if key not in cache:
+            index = torch.full((self.teacher_vocab_size,), -1, dtype=torch.long, device=device)
+            index[self.teacher_matched.to(device)] = values.to(device)
+            cache[key] = index
+        return cache[key]
+
     def to(self, device) -> "VocabSplit":
         return VocabSplit(self.student_matched.to(device), self.teacher_matched.to(device),
                           self.student_unmatched.to(device), self.teacher_unmatched.to(device),

@@ -55,6 +55,7 @@ import torch
 from ._common import TRL_LOG_FLOOR, Denominator, generalized_jsd_terms, resolve_denominator, upcast
 from .hybrid import VocabSplit, hybrid_weights, jsd_on_columns, split_columns, vocab_split
 from .merge import MergeStrategy, _check_inputs, merge_scalars
+from .topk_numpy import placed_jsd, tail_sorted_l1
 from .uld import DEFAULT_FAST_K, UldMode, sorted_l1
 
 
@@ -276,11 +277,13 @@ def dense_teacher(teacher: TopkMerged, vocab_size: int, dtype: torch.dtype = tor
 
 
 def _tail_block(model: TailModel, slots: torch.Tensor, log_mass: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(G, max slots) descending modelled tail: ``slots[g]`` equally spaced tail quantiles carrying ``log_mass[g]``,
-    then -inf."""
+    """(G, N) descending modelled tail, N = max slots: the tail grid, ``slots[g]`` values carrying ``log_mass[g]``,
+    then -inf. The grid is shared by all rows: value i sits at tail position (i + 1/2) / N, so the longest row spans
+    the whole tail in equal steps and a row with fewer slots (more of its cached entries in the block) stops short
+    of the last N - slots[g] positions (in practice at most K of ~10^5, where the values are smallest)."""
     width = int(slots.max()) if slots.numel() else 0
     position = torch.arange(width, dtype=dtype, device=slots.device).add_(0.5).unsqueeze(0)  # (1, width): i + 1/2
-    step = 1.0 / slots.clamp_min(1).double()  # (G,): quantile (i + 1/2) / slots[g] of the tail
+    step = torch.tensor(1.0 / max(width, 1), dtype=torch.float64)  # tail position (i + 1/2) / N
     if slots.numel() and bool((slots == width).all()):  # same count in every row: no dead entries
         return model.log_values(position, step, log_mass, None, dtype)
     live = torch.arange(width, device=slots.device).unsqueeze(0) < slots.unsqueeze(1)
@@ -299,8 +302,14 @@ def uld_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, teacher_voc
         loss scalar (``weight * sum_g uld_g / denominator``); diag: "uld", "groups", "teacher_tail_mass" (mean per
         group), "topk_error_bound" (``weight * 2 * sum_g T_g / denominator``, bounds |loss - exact loss|).
     """
-    dense = dense_teacher(teacher, teacher_vocab_size, student_merged.dtype)  # (G, Vt)
-    l1, _ = sorted_l1(student_merged, dense, mode=mode, fast_k=fast_k, teacher_sorted=True)
+    if _numpy_kernels(student_merged, mode):
+        model = tail_model(teacher, teacher_vocab_size)
+        cached = teacher.logprobs.to(student_merged.dtype).masked_fill(teacher.ids < 0, -math.inf)
+        l1 = tail_sorted_l1(student_merged, cached, model.count, teacher_vocab_size - model.count, model.exponent,
+                            model.log_mass, model.count.clamp_min(1), teacher_vocab_size, teacher_vocab_size)
+    else:
+        dense = dense_teacher(teacher, teacher_vocab_size, student_merged.dtype)  # (G, Vt)
+        l1, _ = sorted_l1(student_merged, dense, mode=mode, fast_k=fast_k, teacher_sorted=True)
     groups = l1.shape[0]
     denom = resolve_denominator(denominator, groups, what="uld_loss_topk")
     loss = l1.sum() / denom
@@ -353,6 +362,11 @@ def generalized_jsd_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: to
     return weight * loss, diag
 
 
+def _numpy_kernels(student_merged: torch.Tensor, mode: UldMode) -> bool:
+    """The NumPy kernels of ``topk_numpy`` serve CPU float32 in exact mode; everything else takes the torch path."""
+    return student_merged.device.type == "cpu" and student_merged.dtype == torch.float32 and mode == "exact"
+
+
 @functools.lru_cache(maxsize=8)
 def _placement(columns: int) -> torch.Tensor:
     """(columns,) float64 in (0, 1): a fixed equidistributed sequence (golden-ratio Weyl sequence) that places the
@@ -386,11 +400,10 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
     model = tail_model(teacher, split.teacher_vocab_size)
     vt, m_cols = split.teacher_vocab_size, split.num_matched
 
-    t2s = torch.full((vt,), -1, dtype=torch.long, device=device)
-    t2s[split.teacher_matched.to(device)] = split.student_matched.to(device)
+    kernels = _numpy_kernels(student_merged, mode) and log_floor is not None and log_floor > -80.0
     ids = teacher.ids.long()  # (G, K); -1 marks an empty slot (fewer than K alternatives cached)
     valid = ids >= 0
-    s_col = torch.where(valid, t2s[ids.clamp_min(0)], -1)  # (G, K) student column of each id, -1 if unmatched
+    s_col = torch.where(valid, split.teacher_to_student(device)[ids.clamp_min(0)], -1)  # (G, K) -1: unmatched
     is_matched = s_col >= 0
     neg_inf = torch.full((), -math.inf, dtype=dtype, device=device)
     t_lp = teacher.logprobs.to(dtype).masked_fill(~valid, -math.inf)
@@ -411,7 +424,15 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
         live_k = torch.cat([is_matched, torch.ones_like(is_matched[:, :1])], dim=1)  # (G, K + 1)
         # tail, lower bracket: one coarsened cell (student / teacher mass on matched columns outside the top-k)
         inside = torch.where(is_matched, s_k, neg_inf).exp().sum(1)  # (G,)
-        s_rest = torch.logsumexp(s_all, dim=1).exp() - inside
+        m_index = split.teacher_to_matched(device)
+        cols = torch.where(is_matched, m_index[ids.clamp_min(0)], m_cols)  # (G, K); m_cols = a spare column
+        if kernels:  # placed bracket and the student's matched mass in one NumPy pass
+            placed_all, s_mass = placed_jsd(s_all, torch.where(is_matched, cols, -1), model.exponent, log_t_matched,
+                                            model.count.clamp_min(1), _placement(m_cols), vt, beta=beta,
+                                            log_floor=log_floor)
+        else:
+            s_mass = torch.logsumexp(s_all, dim=1).exp()
+        s_rest = s_mass - inside
         positive = s_rest > 0
         s_rest_log = torch.where(positive, torch.where(positive, s_rest, torch.ones_like(s_rest)).log(), neg_inf)
         s_cells = torch.cat([torch.where(is_matched, s_k, neg_inf), s_rest_log.unsqueeze(1)], dim=1)
@@ -423,17 +444,16 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
         top_part = terms[:, :-1].sum()
         coarse = terms[:, -1].sum()
         # tail, upper bracket: the power-law tail values placed on the matched columns by a fixed sequence
-        m_index = torch.full((vt,), -1, dtype=torch.long, device=device)
-        m_index[split.teacher_matched.to(device)] = torch.arange(m_cols, device=device)
-        cols = torch.where(is_matched, m_index[ids.clamp_min(0)], m_cols)  # (G, K); m_cols = a spare column
-        in_top = torch.zeros(groups, m_cols + 1, dtype=torch.bool, device=device)
-        in_top = in_top.scatter_(1, cols, True)[:, :m_cols]  # (G, M) matched columns in the top-k
-        cols = cols.clamp_max(m_cols - 1)
-        fracs = _placement(m_cols).to(device=device, dtype=dtype).unsqueeze(0)  # (1, M) positions in (0, 1)
-        t_placed = model.log_values(fracs, torch.ones(()), log_t_matched, ~in_top, dtype)  # (G, M)
-        placed_all = jsd_on_columns(s_all, t_placed, beta=beta, log_floor=log_floor)  # (G,) all M columns
+        if kernels:
+            t_at_k = torch.full_like(s_k, -math.inf)  # the placed teacher is -inf on the top-k columns
+        else:
+            in_top = torch.zeros(groups, m_cols + 1, dtype=torch.bool, device=device)
+            in_top = in_top.scatter_(1, cols, True)[:, :m_cols]  # (G, M) matched columns in the top-k
+            fracs = _placement(m_cols).to(device=device, dtype=dtype).unsqueeze(0)  # (1, M) positions in (0, 1)
+            t_placed = model.log_values(fracs, torch.ones(()), log_t_matched, ~in_top, dtype)  # (G, M)
+            placed_all = jsd_on_columns(s_all, t_placed, beta=beta, log_floor=log_floor)  # (G,) all M columns
+            t_at_k = t_placed.gather(1, cols.clamp_max(m_cols - 1))  # (G, K)
         # remove the top-k columns' terms from that sum (their teacher value is -inf there, floored if a floor is set)
-        t_at_k = t_placed.gather(1, cols)  # (G, K)
         s_f, t_f = (s_k, t_at_k) if log_floor is None else (s_k.clamp_min(log_floor), t_at_k.clamp_min(log_floor))
         at_k = torch.where(is_matched, generalized_jsd_terms(s_f, t_f, beta), torch.zeros((), dtype=dtype,
                                                                                           device=device)).sum()
@@ -448,9 +468,13 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
         cached_u = torch.where(is_matched, neg_inf, t_lp)  # (G, K) cached unmatched entries
         count_u = (valid & ~is_matched).sum(1)
         slots = (width - count_u).clamp_min(0)  # unmatched columns outside the top-k
-        tail_u = _tail_block(model, slots, log_t_unmatched, dtype)  # (G, max slots)
-        t_u = _merge_desc(cached_u, count_u, tail_u, width)  # (G, Ut) descending
-        l1, _ = sorted_l1(s_u, t_u, mode=mode, fast_k=fast_k, teacher_sorted=True)
+        if _numpy_kernels(student_merged, mode):
+            l1 = tail_sorted_l1(s_u, cached_u, count_u, slots, model.exponent, log_t_unmatched,
+                                model.count.clamp_min(1), vt, width)
+        else:
+            tail_u = _tail_block(model, slots, log_t_unmatched, dtype)  # (G, max slots)
+            t_u = _merge_desc(cached_u, count_u, tail_u, width)  # (G, Ut) descending
+            l1, _ = sorted_l1(s_u, t_u, mode=mode, fast_k=fast_k, teacher_sorted=True)
         unmatched = l1.sum() / denom
 
     loss = weight * (w_m * matched + w_u * unmatched)

@@ -36,6 +36,7 @@ the end-of-turn tokens of both sides a shared group of their own.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -56,12 +57,26 @@ def _chunks(rows: int, width: int) -> list[tuple[int, int]]:
     return [(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool), made on first use
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """One worker pool per process (starting threads on every call cost ~1 ms each); a forked child makes its own."""
+    global _POOL
+    pid = os.getpid()
+    if _POOL is None or _POOL[:2] != (pid, workers):
+        if _POOL is not None and _POOL[0] == pid:
+            _POOL[2].shutdown(wait=False)
+        _POOL = (pid, workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gold-loss"))
+    return _POOL[2]
+
+
 def _run_chunks(fn, spans):
+    """``[fn(span) for span in spans]`` on ``torch.get_num_threads()`` threads (NumPy releases the GIL)."""
     threads = max(1, torch.get_num_threads())
     if threads == 1 or len(spans) == 1:
         return [fn(span) for span in spans]
-    with ThreadPoolExecutor(max_workers=threads) as pool:  # NumPy sort releases the GIL
-        return list(pool.map(fn, spans))
+    return list(_pool(threads).map(fn, spans))
 
 
 # ----------------------------------------------------------------------------------------------------- exact mode --
@@ -83,6 +98,11 @@ def _exact_chunk_numpy(s_lp: torch.Tensor, t_lp: torch.Tensor, need_s: bool, nee
     """(c, Vs), (c, Vt) log-probs -> per-row L1 (c,) float64 and gradient directions d uld / d logp."""
     s = np.exp(s_lp.detach().numpy())  # NumPy, not torch: this runs on worker threads (no nested OpenMP)
     t = np.exp(t_lp.detach().numpy())
+    return exact_probs_numpy(s, t, need_s, need_t, t_desc)
+
+
+def exact_probs_numpy(s: np.ndarray, t: np.ndarray, need_s: bool, need_t: bool, t_desc: bool = False):
+    """``_exact_chunk_numpy`` on probabilities: (c, Vs), (c, Vt) float32 (t rows descending when ``t_desc``)."""
     vs, vt = s.shape[1], t.shape[1]
     length = min(vs, vt)
     s_sorted, s_perm = _np_sort_asc(s, need_s)

@@ -289,7 +289,7 @@ class GOLDTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         window = num_items_in_batch if isinstance(num_items_in_batch, dict) else None
-        if self.args.use_uld_loss and self.accelerator.unwrap_model(model) is model and "teacher_topk_ids" not in inputs:
+        if self.args.use_uld_loss and self.accelerator.unwrap_model(model) is model:
             # not wrapped: hidden states + LM head, logits made per chunk of groups in the loss
             student_logits = gold_loss.forward_completion_rows(model, inputs, vocab_size=self.student_width)
         else:
