@@ -37,6 +37,7 @@ the end-of-turn tokens of both sides a shared group of their own.
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -49,6 +50,7 @@ UldMode = Literal["exact", "fast"]
 ULD_MODES: tuple[str, ...] = ("exact", "fast")
 DEFAULT_FAST_K = 4096
 DEFAULT_FAST_TOL = 1e-3  # fast mode: guaranteed relative error of the summed ULD (worst groups sorted fully)
+_LITTLE_ENDIAN = sys.byteorder == "little"
 _CHUNK_ELEMENTS = 1 << 20  # ~1M elements per row chunk (per side) bounds sort temporaries to ~30 MB per thread
 
 
@@ -81,17 +83,35 @@ def _run_chunks(fn, spans):
 
 # ----------------------------------------------------------------------------------------------------- exact mode --
 def _np_sort_asc(p: np.ndarray, with_perm: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Ascending sort of non-negative float32 rows (c, V); with the permutation when asked."""
+    """Ascending sort of non-negative float32 rows (c, V); with the permutation when asked.
+
+    The permutation comes from one values-only sort of int64 keys: high word the float's bits (non-negative floats
+    order like their bit patterns), low word the column. Values and columns are read back as strided views of the
+    sorted keys (no unpacking pass)."""
     if not with_perm:
         return np.sort(p, axis=1), None
-    key = p.view(np.int32).astype(np.int64)  # non-negative float32 bits order like the floats
+    rows, width = p.shape
+    key = np.empty((rows, width), dtype=np.int64)
+    if _LITTLE_ENDIAN:
+        words = key.view(np.int32)  # (c, 2V): [low, high] word pairs
+        words[:, 0::2] = np.arange(width, dtype=np.int32)
+        words[:, 1::2] = p.view(np.int32)
+        key.sort(axis=1)
+        return words[:, 1::2].view(np.float32), words[:, 0::2]
+    key[:] = p.view(np.int32)
     key <<= 32
-    key |= np.arange(p.shape[1], dtype=np.int64)
+    key |= np.arange(width, dtype=np.int64)
     key.sort(axis=1)
     perm = key & 0xFFFFFFFF
     key >>= 32
-    values = key.astype(np.int32).view(np.float32)
-    return values, perm
+    return key.astype(np.int32).view(np.float32), perm
+
+
+def _scatter_rows(out: np.ndarray, perm: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``out[r, perm[r, i]] = values[r, i]`` for all rows (a row loop of fancy assignments beats put_along_axis)."""
+    for r in range(out.shape[0]):
+        out[r][perm[r]] = values[r]
+    return out
 
 
 def _exact_chunk_numpy(s_lp: torch.Tensor, t_lp: torch.Tensor, need_s: bool, need_t: bool, t_desc: bool = False):
@@ -121,13 +141,11 @@ def exact_probs_numpy(s: np.ndarray, t: np.ndarray, need_s: bool, need_t: bool, 
     if need_s:
         direction = s_sorted.copy()  # rank r of the student: sign(diff) * p; padded-against-zero ranks: +p
         direction[:, vs - length:] *= sign
-        grad_s = np.empty_like(s)
-        np.put_along_axis(grad_s, s_perm, direction, axis=1)
+        grad_s = _scatter_rows(np.empty_like(s), s_perm, direction)
     if need_t:
         direction = t_sorted.copy()
         direction[:, vt - length:] *= -sign
-        grad_t = np.empty_like(t)
-        np.put_along_axis(grad_t, t_perm, direction, axis=1)
+        grad_t = _scatter_rows(np.empty_like(t), t_perm, direction)
     return (torch.from_numpy(l1), None if grad_s is None else torch.from_numpy(grad_s),
             None if grad_t is None else torch.from_numpy(grad_t))
 
