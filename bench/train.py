@@ -7,6 +7,10 @@ packaged tokenizers), batch 4, max_completion_length 32, 2 threads, hybrid ULD. 
   gold_off, gold_on                    ours, default ULD mode ("exact")
   gold_off_fast, gold_on_fast          ours, "fast" ULD mode (top ranks sorted)
   gold_off_cached                      ours, off-policy teacher from cached top-K (K=64, no teacher model)
+  gold_off_t135m, gold_off_cached_t135m
+                                       the same two with a teacher of SmolLM2-135M's size (30 layers, hidden 576,
+                                       random weights, DeepSeek vocabulary): what caching saves with a teacher
+                                       whose forward pass is not negligible
 Each case runs in its own process (peak RSS is per process). The last line is one JSON object.
 
     python bench/train.py [--steps 6] [--warmup 2] [--cases gold_off,trl_off]
@@ -28,7 +32,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STUDENT, TEACHER = "pkg:cl100k", "pkg:deepseek-v3"
 BATCH, COMPLETION, THREADS, K = 4, 32, 2, 64
-CASES = ["trl_off", "trl_on", "gold_off", "gold_on", "gold_off_fast", "gold_on_fast", "gold_off_cached"]
+CASES = ["trl_off", "trl_on", "gold_off", "gold_on", "gold_off_fast", "gold_on_fast", "gold_off_cached",
+         "gold_off_t135m", "gold_off_cached_t135m"]
+# teacher sizes: the tiny teacher, and SmolLM2-135M-Instruct's dimensions (its config, random weights)
+TEACHER_SIZES = {
+    "tiny": {},
+    "t135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                  num_key_value_heads=3, tie_word_embeddings=True),
+}
 
 
 def conversations() -> list[dict]:
@@ -64,12 +75,12 @@ class StepTimer:
         return _Cb()
 
 
-def models():
+def models(teacher_size: str = "tiny"):
     from gold_pipeline.models import tiny_model_for
     from gold_pipeline.tokenization import load_tokenizer
 
     s_tok, t_tok = load_tokenizer(STUDENT), load_tokenizer(TEACHER)
-    return s_tok, t_tok, tiny_model_for(s_tok, seed=0), tiny_model_for(t_tok, seed=1)
+    return s_tok, t_tok, tiny_model_for(s_tok, seed=0), tiny_model_for(t_tok, seed=1, **TEACHER_SIZES[teacher_size])
 
 
 def run_trl(lmbda: float, steps: int, work: Path, timer: StepTimer):
@@ -121,10 +132,11 @@ def cached_topk_dir(work: Path, teacher, t_tok) -> Path:
     return out
 
 
-def run_gold(lmbda: float, mode: str, cached: bool, steps: int, work: Path, timer: StepTimer):
+def run_gold(lmbda: float, mode: str, cached: bool, steps: int, work: Path, timer: StepTimer,
+             teacher_size: str = "tiny"):
     from gold_pipeline.training import GOLDConfig, GOLDTrainer
 
-    s_tok, t_tok, student, teacher = models()
+    s_tok, t_tok, student, teacher = models(teacher_size)
     data = cached_topk_dir(work, teacher, t_tok) if cached else conversations()
     args = GOLDConfig(output_dir=str(work / "gold"), per_device_train_batch_size=BATCH,
                       gradient_accumulation_steps=1, max_steps=steps, learning_rate=1e-4, logging_steps=1,
@@ -148,7 +160,8 @@ def one_case(case: str, steps: int, warmup: int) -> dict:
             trainer = run_trl(lmbda, steps + warmup, work, timer)
         else:
             mode = "fast" if case.endswith("_fast") else "exact"
-            trainer = run_gold(lmbda, mode, case.endswith("_cached"), steps + warmup, work, timer)
+            size = "t135m" if case.endswith("_t135m") else "tiny"
+            trainer = run_gold(lmbda, mode, "_cached" in case, steps + warmup, work, timer, size)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         started = time.perf_counter()
         trainer.train()
@@ -191,7 +204,7 @@ def main() -> None:
         else:
             results[case] = json.loads(line[len("RESULT "):])
         r = results[case]
-        print(f"{case:18s} " + (f"{r['s_per_step']:.3f} s/step  peak {r['peak_rss_mb']:.0f} MB "
+        print(f"{case:22s} " + (f"{r['s_per_step']:.3f} s/step  peak {r['peak_rss_mb']:.0f} MB "
                                 f"(+{r['peak_rss_growth_mb']:.0f} MB in train)  loss {r['first_loss']}->"
                                 f"{r['last_loss']}" if "error" not in r else "ERROR " + r["error"][-400:]),
               flush=True)
@@ -203,7 +216,8 @@ def main() -> None:
 
     summary = {
         "setting": {"student": STUDENT, "teacher": TEACHER, "batch": BATCH, "max_completion_length": COMPLETION,
-                    "threads": THREADS, "loss": "hybrid ULD", "topk": K, "steps": opts.steps, "warmup": opts.warmup},
+                    "threads": THREADS, "loss": "hybrid ULD", "topk": K, "steps": opts.steps, "warmup": opts.warmup,
+                    "teacher_sizes": TEACHER_SIZES},
         "results": results,
         "speedup_off_policy": ratio("trl_off", "gold_off"),
         "speedup_on_policy": ratio("trl_on", "gold_on"),
@@ -213,6 +227,7 @@ def main() -> None:
         "peak_memory_ratio_on": ratio("gold_on", "trl_on", "peak_rss_mb"),
         "peak_growth_ratio_off": ratio("gold_off", "trl_off", "peak_rss_growth_mb"),
         "cached_topk_speedup_vs_online_teacher": ratio("gold_off", "gold_off_cached"),
+        "cached_topk_speedup_vs_online_teacher_t135m": ratio("gold_off_t135m", "gold_off_cached_t135m"),
     }
     print(json.dumps(summary))
 

@@ -418,20 +418,20 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
                                            split.student_ids_unique)  # (G, M), (G, Us)
     matched = low = high = student_merged.new_zeros(())
     if m_cols:
-        s_k = student_merged.gather(1, s_col.clamp_min(0))  # (G, K)
         s_all = s_matched  # (G, M)
+        m_index = split.teacher_to_matched(device)
+        cols = torch.where(is_matched, m_index[ids.clamp_min(0)], m_cols)  # (G, K); m_cols = a spare column
+        if kernels:  # placed bracket, the student's matched mass and its top-k values in one NumPy pass
+            placed_all, s_mass, s_k = placed_jsd(s_all, torch.where(is_matched, cols, -1), model.exponent,
+                                                 log_t_matched, model.count.clamp_min(1), _placement(m_cols), vt,
+                                                 beta=beta, log_floor=log_floor)
+        else:
+            s_k = student_merged.gather(1, s_col.clamp_min(0))  # (G, K)
+            s_mass = torch.logsumexp(s_all, dim=1).exp()
         # top-k matched columns: exact terms
         live_k = torch.cat([is_matched, torch.ones_like(is_matched[:, :1])], dim=1)  # (G, K + 1)
         # tail, lower bracket: one coarsened cell (student / teacher mass on matched columns outside the top-k)
         inside = torch.where(is_matched, s_k, neg_inf).exp().sum(1)  # (G,)
-        m_index = split.teacher_to_matched(device)
-        cols = torch.where(is_matched, m_index[ids.clamp_min(0)], m_cols)  # (G, K); m_cols = a spare column
-        if kernels:  # placed bracket and the student's matched mass in one NumPy pass
-            placed_all, s_mass = placed_jsd(s_all, torch.where(is_matched, cols, -1), model.exponent, log_t_matched,
-                                            model.count.clamp_min(1), _placement(m_cols), vt, beta=beta,
-                                            log_floor=log_floor)
-        else:
-            s_mass = torch.logsumexp(s_all, dim=1).exp()
         s_rest = s_mass - inside
         positive = s_rest > 0
         s_rest_log = torch.where(positive, torch.where(positive, s_rest, torch.ones_like(s_rest)).log(), neg_inf)

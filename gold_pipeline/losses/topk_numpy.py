@@ -140,18 +140,19 @@ def tail_sorted_l1(student_logprobs: torch.Tensor, cached_logprobs: torch.Tensor
 
 # ----------------------------------------------------------------------------------------------------- placed JSD --
 def _placed_jsd_rows(s_lp: np.ndarray, top_cols: np.ndarray, exponent: np.ndarray, log_mass: np.ndarray,
-                     model_k: np.ndarray, offsets: dict[int, np.ndarray], beta: float, log_floor: float, need: bool):
-    """(c, M) student log-values -> floored JSD row sums (c,) float64, d sums / d s_lp (c, M) or None, and the
-    student's unfloored row mass (c,) float64. The teacher row is the placed tail scaled to exp(log_mass), -inf on
-    the row's top-k columns (``top_cols``, -1 = none)."""
+                     model_k: np.ndarray, offsets: dict[int, np.ndarray], beta: float, log_floor: float,
+                     need: bool, p_raw: np.ndarray):
+    """(c, M) student log-values -> floored JSD row sums (c,) float64 and d sums / d s_lp (c, M) or None.
+
+    The teacher row is the placed tail scaled to exp(log_mass), -inf on the row's top-k columns (``top_cols``, -1 =
+    none). ``p_raw`` (c, M) receives exp(s_lp), the student's unfloored probabilities."""
     rows, width = s_lp.shape
     t_log = np.empty((rows, width), dtype=np.float32)
     p_t = np.empty((rows, width), dtype=np.float32)
     for r in range(rows):
         lt, pt = t_log[r], p_t[r]
         np.multiply(offsets[int(model_k[r])], -float(exponent[r]), out=lt)
-        cols = top_cols[r][top_cols[r] >= 0]
-        lt[cols] = -np.inf
+        lt[top_cols[r][top_cols[r] >= 0]] = -np.inf
         np.exp(lt, out=pt)
         total = float(pt.sum())
         if math.isfinite(float(log_mass[r])) and total > 0:
@@ -162,11 +163,10 @@ def _placed_jsd_rows(s_lp: np.ndarray, top_cols: np.ndarray, exponent: np.ndarra
             lt.fill(-np.inf)
             pt.fill(0.0)
     floor_p = np.float32(math.exp(log_floor))
-    p_raw = np.exp(s_lp)
-    s_mass = p_raw.sum(axis=1, dtype=np.float64)
+    np.exp(s_lp, out=p_raw)
     s = np.maximum(s_lp, log_floor)
     t = np.maximum(t_log, log_floor, out=t_log)
-    p_s = np.maximum(p_raw, floor_p, out=p_raw)
+    p_s = np.maximum(p_raw, floor_p)
     np.maximum(p_t, floor_p, out=p_t)
     if beta == 0.0:
         np.subtract(t, s, out=t)
@@ -185,13 +185,14 @@ def _placed_jsd_rows(s_lp: np.ndarray, top_cols: np.ndarray, exponent: np.ndarra
         sums = beta * np.einsum("ij,ij->i", p_t, t) + (1.0 - beta) * np.einsum("ij,ij->i", p_s, s)
         g = np.multiply(np.multiply(s, p_s, out=s), 1.0 - beta, out=s)
     if not need:
-        return sums, None, s_mass
-    np.putmask(g, s_lp < log_floor, 0.0)
-    return sums, g, s_mass
+        return sums, None
+    np.multiply(g, s_lp >= log_floor, out=g)  # no gradient where the floor clamps
+    return sums, g
 
 
 class _PlacedJSD(torch.autograd.Function):
-    """(G, M) student log-values -> ((G,) placed JSD sums, (G,) student row mass sum_j exp(s_j))."""
+    """(G, M) student log-values -> (G,) placed JSD sums, (G,) student row mass sum_j exp(s_j), (G, K) the student
+    values on the top-k columns (-inf where none); backward needs no exp (the probabilities are kept)."""
 
     @staticmethod
     def forward(ctx, student_logprobs, top_cols, exponent, log_mass, model_k, offsets, beta, log_floor):
@@ -199,34 +200,40 @@ class _PlacedJSD(torch.autograd.Function):
         s_all = student_logprobs.detach().contiguous().numpy()
         rows, width = s_all.shape
         sums = np.empty(rows, dtype=np.float64)
-        mass = np.empty(rows, dtype=np.float64)
+        p_raw = np.empty_like(s_all)
         grad = np.empty_like(s_all) if need else None
 
         def one(span):
             a, b = span
-            part, part_grad, part_mass = _placed_jsd_rows(s_all[a:b], top_cols[a:b], exponent[a:b], log_mass[a:b],
-                                                          model_k[a:b], offsets, beta, log_floor, need)
-            sums[a:b], mass[a:b] = part, part_mass
+            part, part_grad = _placed_jsd_rows(s_all[a:b], top_cols[a:b], exponent[a:b], log_mass[a:b],
+                                               model_k[a:b], offsets, beta, log_floor, need, p_raw[a:b])
+            sums[a:b] = part
             if need:
                 grad[a:b] = part_grad
 
         _run_chunks(one, _chunks(rows, width))
-        ctx.save_for_backward(student_logprobs, None if grad is None else torch.from_numpy(grad))
+        valid = top_cols >= 0
+        cols = torch.from_numpy(np.where(valid, top_cols, 0))
+        s_top = student_logprobs.detach().gather(1, cols).masked_fill_(torch.from_numpy(~valid), -math.inf)
+        ctx.save_for_backward(None if grad is None else torch.from_numpy(grad), torch.from_numpy(p_raw), cols,
+                              torch.from_numpy(valid))
         dtype = student_logprobs.dtype
-        return torch.from_numpy(sums).to(dtype), torch.from_numpy(mass).to(dtype)
+        mass = torch.from_numpy(p_raw.sum(axis=1, dtype=np.float64)).to(dtype)
+        return torch.from_numpy(sums).to(dtype), mass, s_top
 
     @staticmethod
-    def backward(ctx, grad_sums, grad_mass):
-        student_logprobs, grad = ctx.saved_tensors
-        out = grad * grad_sums.unsqueeze(1)
-        out.addcmul_(student_logprobs.detach().exp(), grad_mass.unsqueeze(1))  # d mass / d s_j = exp(s_j)
+    def backward(ctx, grad_sums, grad_mass, grad_top):
+        grad, p_raw, cols, valid = ctx.saved_tensors
+        out = torch.addcmul(grad * grad_sums.unsqueeze(1), p_raw, grad_mass.unsqueeze(1))  # d mass / d s_j = p_j
+        if grad_top is not None:
+            out.scatter_add_(1, cols, grad_top.masked_fill(~valid, 0.0))
         return out, None, None, None, None, None, None, None
 
 
 def placed_jsd(student_logprobs: torch.Tensor, top_cols: torch.Tensor, exponent: torch.Tensor,
                log_mass: torch.Tensor, model_k: torch.Tensor, placement: torch.Tensor, vocab_size: int, *,
-               beta: float, log_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The placed bracket of the matched part, and the student's mass on the matched columns.
+               beta: float, log_floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The placed bracket of the matched part, the student's mass on the matched columns, its top-k values.
 
     Args:
         student_logprobs: (G, M) float32 CPU student log-values of the matched columns.
@@ -236,7 +243,8 @@ def placed_jsd(student_logprobs: torch.Tensor, top_cols: torch.Tensor, exponent:
         vocab_size: V of the rank scale. beta, log_floor: as ``hybrid.jsd_on_columns``.
     Returns:
         (G,) floored JSD sums over all M columns with the teacher at -inf (floored) on the top-k columns, as
-        ``jsd_on_columns(student, topk TailModel.log_values(...))``; (G,) ``sum_j exp(student[g, j])``.
+        ``jsd_on_columns(student, topk TailModel.log_values(...))``; (G,) ``sum_j exp(student[g, j])``; (G, K)
+        ``student[g, top_cols[g, i]]`` (-inf where top_cols is -1), all differentiable w.r.t. the student.
     """
     k_np = model_k.cpu().numpy()
     offsets = _offsets_by_k(k_np, placement.cpu().numpy(), vocab_size)
