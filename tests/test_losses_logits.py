@@ -100,3 +100,35 @@ def test_chunked_same_tokenizer_jsd_equals_generalized_jsd():
     loss, _ = chunked_merged_loss(MergeSide(s_logits, tokens, gid), MergeSide(t_logits, tokens, gid), n - 1, jsd,
                                   groups_per_chunk=4)
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("loss_name", ["hybrid", "uld"])
+def test_chunked_topk_teacher_equals_unchunked(loss_name):
+    # the cached top-K teacher side (TopkSide) merged per chunk; float32 takes the NumPy kernels, also when a
+    # checkpointed chunk is recomputed in backward
+    from gold_pipeline.losses import hybrid_loss_topk, merged_topk, uld_loss_topk
+    from gold_pipeline.losses.topk import TopkSide
+
+    s_hidden, s_head, s_tok, s_gid, t_logits, t_tok, t_gid, g = _sides(seed=4)
+    s_hidden = s_hidden.detach().float().requires_grad_()
+    s_head = s_head.float()
+    t_lp = torch.log_softmax(t_logits.float(), -1)
+    top = t_lp.topk(8, dim=-1)
+    token_lp = t_lp.gather(1, t_tok.unsqueeze(1)).squeeze(1)
+    split = vocab_split(torch.tensor([[0, 1], [5, 5], [7, 30], [36, 40], [12, 3]]), 37, 41)
+    fn = (functools.partial(hybrid_loss_topk, vocab_map=split, beta=0.5) if loss_name == "hybrid"
+          else functools.partial(uld_loss_topk, teacher_vocab_size=41))
+    s_m = merged_logprobs_from_logits(s_head(s_hidden), s_tok, s_gid, g, "first")
+    full, full_diag = fn(s_m, merged_topk(top.indices, top.values, token_lp, t_gid, g), denominator=50.0)
+    full_grads = torch.autograd.grad(full, [s_hidden, s_head.weight])
+    student = MergeSide(s_hidden, s_tok, s_gid, head=s_head)
+    teacher = TopkSide(top.indices, top.values, token_lp, t_gid)
+    for chunk, ckpt in ((1, True), (5, True), (7, False), (100, True)):
+        loss, diag = chunked_merged_loss(student, teacher, g, fn, denominator=50.0, groups_per_chunk=chunk,
+                                         checkpoint_chunks=ckpt)
+        torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-7)
+        for a, b in zip(torch.autograd.grad(loss, [s_hidden, s_head.weight]), full_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        for key in ("matched", "matched_low", "matched_high", "unmatched", "uld", "topk_error_bound"):
+            if key in full_diag:
+                assert diag[key] == pytest.approx(full_diag[key], rel=1e-4, abs=1e-7)

@@ -293,8 +293,9 @@ def test_numpy_teacher_rows_merge_a_tail_that_starts_above_a_cached_value():
     model = TailModel(count=torch.tensor([4, 4]), log_kth=torch.tensor([-9.0, -9.0], dtype=torch.float64),
                       exponent=torch.tensor([0.2, 1.5], dtype=torch.float64),
                       log_mass=torch.tensor([-1.5, -2.0], dtype=torch.float64), vocab_size=vocab)
-    expected = _merge_desc(cached, count, _tail_block(model, slots, model.log_mass, torch.float32), width).exp()
-    offsets = _offsets_by_k(model.count.numpy(), grid_positions(int(slots.max())), vocab)
+    expected = _merge_desc(cached, count, _tail_block(model, slots, model.log_mass, torch.float32, width),
+                           width).exp()
+    offsets = _offsets_by_k(model.count.numpy(), grid_positions(width), vocab)
     got = _teacher_desc_rows(cached.numpy(), count.numpy(), slots.numpy(), model.exponent.numpy(),
                              model.log_mass.numpy(), model.count.numpy(), offsets, width)
     assert float(expected[0, 3]) > float(torch.tensor(-9.0).exp())  # the case under test: tail above a cached value

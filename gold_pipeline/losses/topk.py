@@ -272,18 +272,23 @@ def dense_teacher(teacher: TopkMerged, vocab_size: int, dtype: torch.dtype = tor
     descending order (not in vocabulary order: for ULD only the multiset matters)."""
     model = tail_model(teacher, vocab_size)
     cached = teacher.logprobs.to(dtype).masked_fill(teacher.ids < 0, -math.inf)
-    return _merge_desc(cached, model.count, _tail_block(model, vocab_size - model.count, model.log_mass, dtype),
-                       vocab_size)
+    return _merge_desc(cached, model.count,
+                       _tail_block(model, vocab_size - model.count, model.log_mass, dtype, vocab_size), vocab_size)
 
 
-def _tail_block(model: TailModel, slots: torch.Tensor, log_mass: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(G, N) descending modelled tail, N = max slots: the tail grid, ``slots[g]`` values carrying ``log_mass[g]``,
-    then -inf. The grid is shared by all rows: value i sits at tail position (i + 1/2) / N, so the longest row spans
-    the whole tail in equal steps and a row with fewer slots (more of its cached entries in the block) stops short
-    of the last N - slots[g] positions (in practice at most K of ~10^5, where the values are smallest)."""
+def _tail_block(model: TailModel, slots: torch.Tensor, log_mass: torch.Tensor, dtype: torch.dtype,
+                grid: int) -> torch.Tensor:
+    """(G, max slots) descending modelled tail on a grid of ``grid`` positions: value i sits at tail position
+    (i + 1/2) / grid, row g has the first ``slots[g]`` of them (<= grid) carrying ``log_mass[g]``, then -inf.
+
+    ``grid`` is the block's width (the columns the tail may occupy), not a property of the batch, so a group's values
+    do not depend on the other groups of its batch. A row with fewer slots (some of its cached entries sit in the
+    block) stops short of the last grid - slots[g] positions: at most K of ~10^5, where the values are smallest."""
     width = int(slots.max()) if slots.numel() else 0
+    if width > grid:
+        raise ValueError(f"tail slots ({width}) exceed the grid ({grid}).")
     position = torch.arange(width, dtype=dtype, device=slots.device).add_(0.5).unsqueeze(0)  # (1, width): i + 1/2
-    step = torch.tensor(1.0 / max(width, 1), dtype=torch.float64)  # tail position (i + 1/2) / N
+    step = torch.tensor(1.0 / max(grid, 1), dtype=torch.float64)  # tail position (i + 1/2) / grid
     if slots.numel() and bool((slots == width).all()):  # same count in every row: no dead entries
         return model.log_values(position, step, log_mass, None, dtype)
     live = torch.arange(width, device=slots.device).unsqueeze(0) < slots.unsqueeze(1)
@@ -472,7 +477,7 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
             l1 = tail_sorted_l1(s_u, cached_u, count_u, slots, model.exponent, log_t_unmatched,
                                 model.count.clamp_min(1), vt, width)
         else:
-            tail_u = _tail_block(model, slots, log_t_unmatched, dtype)  # (G, max slots)
+            tail_u = _tail_block(model, slots, log_t_unmatched, dtype, width)  # (G, max slots)
             t_u = _merge_desc(cached_u, count_u, tail_u, width)  # (G, Ut) descending
             l1, _ = sorted_l1(s_u, t_u, mode=mode, fast_k=fast_k, teacher_sorted=True)
         unmatched = l1.sum() / denom

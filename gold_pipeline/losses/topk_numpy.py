@@ -6,7 +6,7 @@ the loss. Here it is evaluated row by row inside the loss kernels, on the same r
 other NumPy loss kernels:
 
 * ``tail_sorted_l1``: sorted L1 (ULD) between student rows and the teacher's cached entries plus its power-law tail
-  at the tail grid ranks (``topk._tail_block``);
+  at the tail grid ranks (``topk._tail_block``, grid = the block's width);
 * ``placed_jsd``: the matched part's "placed" bracket, the floored generalized JSD between student rows and the tail
   model placed on the matched columns (``topk._placement``), with the student's unfloored row mass on the side.
 
@@ -14,8 +14,8 @@ Every tail row is ``exp(-a * D)`` for a per-k offset vector ``D`` (log rank rati
 number of cached entries), scaled to the row's tail mass, so one multiply and one exp per entry. The results equal the
 reference path up to float32 rounding (tests/test_losses_topk.py).
 
-Dims: G groups (rows), c rows of a chunk, Vs student vocabulary, W teacher columns of the block, M matched columns,
-K cached entries per group, N tail grid length.
+Dims: G groups (rows), c rows of a chunk, Vs student vocabulary, W teacher columns of the block (also the tail grid
+length), M matched columns, K cached entries per group.
 """
 
 from __future__ import annotations
@@ -131,8 +131,7 @@ def tail_sorted_l1(student_logprobs: torch.Tensor, cached_logprobs: torch.Tensor
     if counts_np.size and int((counts_np + slots_np).max()) > width:
         raise ValueError(f"cached entries + tail slots exceed the block width {width}.")
     k_np = model_k.cpu().numpy()
-    grid = int(slots_np.max()) if slots_np.size else 0
-    offsets = _offsets_by_k(k_np, grid_positions(grid), vocab_size)
+    offsets = _offsets_by_k(k_np, grid_positions(width), vocab_size)  # the grid is the block: batch-independent
     return _TailSortedL1.apply(student_logprobs, cached_logprobs, counts_np, slots_np,
                                exponent.double().cpu().numpy(), log_mass.double().cpu().numpy(), k_np, offsets,
                                width)
