@@ -139,6 +139,34 @@ def hybrid_weights(split: VocabSplit, matched_weight: float | None,
     return float(matched_weight), float(unmatched_weight)
 
 
+def floored_jsd_rows(s: np.ndarray, t: np.ndarray, p_s: np.ndarray | None, p_t: np.ndarray | None,
+                     beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Generalized-JSD row sums of floored log-values and their gradient w.r.t. s (NumPy, float32 rows).
+
+    Args:
+        s, t: (c, M) floored student / teacher log-values (overwritten). p_s, p_t: exp of them (overwritten; p_s may
+            be None when beta == 0, p_t when beta == 1).
+    Returns:
+        (c,) float64 sums, (c, M) d sums / d s (the caller zeroes it where the floor clamped the student).
+    """
+    if beta == 0.0:
+        diff = np.subtract(t, s, out=t)
+        return np.einsum("ij,ij->i", p_t, diff), np.negative(p_t, out=p_t)
+    if beta == 1.0:
+        diff = np.subtract(s, t, out=t)
+        sums = np.einsum("ij,ij->i", p_s, diff)
+        return sums, np.multiply(np.add(diff, 1.0, out=diff), p_s, out=p_s)
+    # floored inputs: the mixture is >= min(beta, 1-beta) * 1e-8 > 0, so log of the sum is safe (and much faster
+    # than logaddexp)
+    mix = np.multiply(p_t, beta)
+    mix += (1.0 - beta) * p_s
+    np.log(mix, out=mix)
+    np.subtract(s, mix, out=s)
+    np.subtract(t, mix, out=t)
+    sums = beta * np.einsum("ij,ij->i", p_t, t) + (1.0 - beta) * np.einsum("ij,ij->i", p_s, s)
+    return sums, np.multiply(np.multiply(s, p_s, out=s), 1.0 - beta, out=s)
+
+
 class _FlooredJSD(torch.autograd.Function):
     """Row sums of floored generalized-JSD terms with a closed-form gradient w.r.t. the student log-probs.
 
@@ -199,29 +227,11 @@ class _FlooredJSD(torch.autograd.Function):
             ls, lt = s_all[a:b], t_all[a:b]
             s = np.maximum(ls, log_floor)
             t = np.maximum(lt, log_floor)
-            if beta == 0.0:
-                p_t = np.exp(t)
-                diff = np.subtract(t, s, out=t)
-                sums[a:b] = np.einsum("ij,ij->i", p_t, diff)
-                g = np.negative(p_t, out=p_t)
-            elif beta == 1.0:
-                p_s = np.exp(s)
-                diff = np.subtract(s, t, out=t)
-                sums[a:b] = np.einsum("ij,ij->i", p_s, diff)
-                g = np.multiply(np.add(diff, 1.0, out=diff), p_s, out=p_s)
-            else:
-                p_s, p_t = np.exp(s), np.exp(t)
-                # floored inputs: the mixture is >= min(beta, 1-beta) * 1e-8 > 0, so log of the sum is safe (and
-                # much faster than logaddexp)
-                mix = np.multiply(p_t, beta)
-                mix += (1.0 - beta) * p_s
-                np.log(mix, out=mix)
-                np.subtract(s, mix, out=s)
-                np.subtract(t, mix, out=t)
-                sums[a:b] = beta * np.einsum("ij,ij->i", p_t, t) + (1.0 - beta) * np.einsum("ij,ij->i", p_s, s)
-                g = np.multiply(np.multiply(s, p_s, out=s), 1.0 - beta, out=s)
+            p_s = None if beta == 0.0 else np.exp(s)
+            p_t = None if beta == 1.0 else np.exp(t)
+            sums[a:b], g = floored_jsd_rows(s, t, p_s, p_t, beta)
             if need:
-                np.putmask(g, ls < log_floor, 0.0)
+                np.multiply(g, ls >= log_floor, out=g)  # no gradient where the floor clamps
                 grad[a:b] = g
             return None
 

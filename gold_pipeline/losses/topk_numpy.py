@@ -25,6 +25,7 @@ import math
 import numpy as np
 import torch
 
+from .hybrid import floored_jsd_rows
 from .uld import _chunks, _run_chunks, exact_probs_numpy
 
 
@@ -167,22 +168,7 @@ def _placed_jsd_rows(s_lp: np.ndarray, top_cols: np.ndarray, exponent: np.ndarra
     t = np.maximum(t_log, log_floor, out=t_log)
     p_s = np.maximum(p_raw, floor_p)
     np.maximum(p_t, floor_p, out=p_t)
-    if beta == 0.0:
-        np.subtract(t, s, out=t)
-        sums = np.einsum("ij,ij->i", p_t, t)
-        g = np.negative(p_t, out=p_t)
-    elif beta == 1.0:
-        diff = np.subtract(s, t, out=t)
-        sums = np.einsum("ij,ij->i", p_s, diff)
-        g = np.multiply(np.add(diff, 1.0, out=diff), p_s, out=p_s)
-    else:
-        mix = np.multiply(p_t, beta)
-        mix += (1.0 - beta) * p_s
-        np.log(mix, out=mix)  # floored inputs: the mixture is > 0
-        np.subtract(s, mix, out=s)
-        np.subtract(t, mix, out=t)
-        sums = beta * np.einsum("ij,ij->i", p_t, t) + (1.0 - beta) * np.einsum("ij,ij->i", p_s, s)
-        g = np.multiply(np.multiply(s, p_s, out=s), 1.0 - beta, out=s)
+    sums, g = floored_jsd_rows(s, t, p_s, p_t, beta)
     if not need:
         return sums, None
     np.multiply(g, s_lp >= log_floor, out=g)  # no gradient where the floor clamps
