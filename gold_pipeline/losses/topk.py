@@ -405,7 +405,8 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
     model = tail_model(teacher, split.teacher_vocab_size)
     vt, m_cols = split.teacher_vocab_size, split.num_matched
 
-    kernels = _numpy_kernels(student_merged, mode) and log_floor is not None and log_floor > -80.0
+    numpy_path = _numpy_kernels(student_merged, mode)
+    placed_kernel = numpy_path and log_floor is not None and log_floor > -80.0  # it floors: exp(floor) > 0
     ids = teacher.ids.long()  # (G, K); -1 marks an empty slot (fewer than K alternatives cached)
     valid = ids >= 0
     s_col = torch.where(valid, split.teacher_to_student(device)[ids.clamp_min(0)], -1)  # (G, K) -1: unmatched
@@ -426,7 +427,7 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
         s_all = s_matched  # (G, M)
         m_index = split.teacher_to_matched(device)
         cols = torch.where(is_matched, m_index[ids.clamp_min(0)], m_cols)  # (G, K); m_cols = a spare column
-        if kernels:  # placed bracket, the student's matched mass and its top-k values in one NumPy pass
+        if placed_kernel:  # placed bracket, the student's matched mass and its top-k values in one NumPy pass
             placed_all, s_mass, s_k = placed_jsd(s_all, torch.where(is_matched, cols, -1), model.exponent,
                                                  log_t_matched, model.count.clamp_min(1), _placement(m_cols), vt,
                                                  beta=beta, log_floor=log_floor)
@@ -449,7 +450,7 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
         top_part = terms[:, :-1].sum()
         coarse = terms[:, -1].sum()
         # tail, upper bracket: the power-law tail values placed on the matched columns by a fixed sequence
-        if kernels:
+        if placed_kernel:
             t_at_k = torch.full_like(s_k, -math.inf)  # the placed teacher is -inf on the top-k columns
         else:
             in_top = torch.zeros(groups, m_cols + 1, dtype=torch.bool, device=device)
@@ -473,7 +474,7 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
         cached_u = torch.where(is_matched, neg_inf, t_lp)  # (G, K) cached unmatched entries
         count_u = (valid & ~is_matched).sum(1)
         slots = (width - count_u).clamp_min(0)  # unmatched columns outside the top-k
-        if _numpy_kernels(student_merged, mode):
+        if numpy_path:
             l1 = tail_sorted_l1(s_u, cached_u, count_u, slots, model.exponent, log_t_unmatched,
                                 model.count.clamp_min(1), vt, width)
         else:
@@ -490,5 +491,5 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
                   "teacher_tail_mass": float(tail.sum() / max(groups, 1))}
 
 
-__all__ = ["TailModel", "TopkMerged", "TopkSide", "dense_teacher", "generalized_jsd_loss_topk", "hybrid_loss_topk", "log1mexp",
-           "merged_topk", "tail_logprob", "tail_model", "uld_loss_topk", "vocab_split"]
+__all__ = ["TailModel", "TopkMerged", "TopkSide", "dense_teacher", "generalized_jsd_loss_topk", "hybrid_loss_topk",
+           "log1mexp", "merged_topk", "tail_logprob", "tail_model", "uld_loss_topk", "vocab_split"]
