@@ -36,8 +36,10 @@ def _teacher_topk(t_logits, t_tok, t_gid, groups, k, strategy):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_topk_with_k_equal_vocab_equals_exact(strategy):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32 on CPU: the NumPy kernels
+def test_topk_with_k_equal_vocab_equals_exact(strategy, dtype):
     s_logits, t_logits, s_tok, t_tok, s_gid, t_gid, pairs, g = _case(1)
+    s_logits, t_logits = s_logits.detach().to(dtype).requires_grad_(), t_logits.to(dtype)
     s_m = merged_logprobs_from_logits(s_logits, s_tok, s_gid, g, strategy)
     t_m = merged_logprobs_from_logits(t_logits, t_tok, t_gid, g, strategy)
     teacher = _teacher_topk(t_logits, t_tok, t_gid, g, t_logits.shape[1], strategy)
