@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from gold_pipeline import _compat
+
+_compat.install()  # the module paths of 0.1 (gold_pipeline.alignment, ...) keep importing
+
 __all__ = ["GOLDConfig", "GOLDTrainer", "__version__"]
 
 

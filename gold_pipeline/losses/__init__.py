@@ -9,11 +9,24 @@ Every loss returns ``(loss, diag)`` where ``loss = weight * sum(...) / denominat
 from .ce import cross_entropy_loss
 from .hybrid import VocabSplit, hybrid_loss, hybrid_weights, matched_jsd_per_group, vocab_split
 from .jsd import generalized_jsd_loss, generalized_jsd_per_token
-from .logits import (MergeSide, chunked_merged_loss, completion_hidden_states, completion_logits,
-                     completion_positions, lm_head_logits)
-from .merge import (MERGE_STRATEGIES, group_counts, group_positions, merged_logprobs, merged_logprobs_from_logits)
-from .topk import (TopkMerged, generalized_jsd_loss_topk, hybrid_loss_topk, log1mexp, merged_topk, tail_logprob,
-                   uld_loss_topk)
+from .logits import (
+                     MergeSide,
+                     chunked_merged_loss,
+                     completion_hidden_states,
+                     completion_logits,
+                     completion_positions,
+                     lm_head_logits,
+)
+from .merge import MERGE_STRATEGIES, group_counts, group_positions, merged_logprobs, merged_logprobs_from_logits
+from .topk import (
+                     TopkMerged,
+                     generalized_jsd_loss_topk,
+                     hybrid_loss_topk,
+                     log1mexp,
+                     merged_topk,
+                     tail_logprob,
+                     uld_loss_topk,
+)
 from .uld import ULD_MODES, sorted_l1, uld_loss
 
 __all__ = [

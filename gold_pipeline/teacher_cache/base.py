@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,24 +30,6 @@ class TeacherResult:
     topk_logprobs: np.ndarray | None = None     # (m, K) float32, descending
     completion_text: str | None = None          # the backend's own text (servers); None -> decode ids
     stats: dict = field(default_factory=dict)   # per-result counters merged into the run stats
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend cannot run (missing optional dependency, server gone after retries): the run stops resumably."""
-
-
-def sample_seed(seed: int, sample_id: str) -> int:
-    """Deterministic 63-bit seed of one sample: same (seed, sample_id) -> same completion on resume."""
-    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def cut_at_stop(new_ids: list[int], stop_ids: set[int], limit: int) -> tuple[list[int], str]:
-    """The completion up to and including the first stop id ("stop"), else the first `limit` ids ("length")."""
-    for position, token in enumerate(new_ids[:limit]):
-        if token in stop_ids:
-            return list(new_ids[: position + 1]), "stop"
-    return list(new_ids[:limit]), "length"
 
 
 def topk_from_logprobs(logprobs: torch.Tensor, completion_ids: torch.Tensor, k: int):

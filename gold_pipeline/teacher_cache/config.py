@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gold_pipeline.errors import GoldInputError
+
 BACKENDS = ("hf", "vllm", "openai")
 MAX_TOP_K = 1024
 
@@ -67,61 +69,62 @@ class TeacherCacheConfig:
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         if not self.dataset:
-            raise ValueError("--dataset is required: a jsonl/json/parquet file, a hub dataset id or a directory.")
+            raise GoldInputError("--dataset is required: a jsonl/json/parquet file, a hub dataset id or a directory.")
         if not self.teacher:
-            raise ValueError("--teacher is required: a hub id, a local model directory or a pkg: name.")
+            raise GoldInputError("--teacher is required: a hub id, a local model directory or a pkg: name.")
         if self.backend not in BACKENDS:
-            raise ValueError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}.")
+            raise GoldInputError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}.")
         if not 0 <= self.top_k <= MAX_TOP_K:
-            raise ValueError(f"--top-k must be between 0 (completions only) and {MAX_TOP_K}, got {self.top_k}.")
+            raise GoldInputError(f"--top-k must be between 0 (completions only) and {MAX_TOP_K}, got {self.top_k}.")
         if self.num_generations < 1:
-            raise ValueError(f"--num-generations must be >= 1, got {self.num_generations}.")
+            raise GoldInputError(f"--num-generations must be >= 1, got {self.num_generations}.")
         if self.score_only and self.num_generations != 1:
-            raise ValueError("--score-only scores the dataset's own completion: use --num-generations 1.")
+            raise GoldInputError("--score-only scores the dataset's own completion: use --num-generations 1.")
         if self.score_only and self.top_k == 0:
-            raise ValueError("--score-only with --top-k 0 would store nothing new; use --top-k >= 1.")
+            raise GoldInputError("--score-only with --top-k 0 would store nothing new; use --top-k >= 1.")
         if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+            raise GoldInputError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}.")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}.")
+            raise GoldInputError(f"--top-p must be in (0, 1], got {self.top_p}.")
         if self.sampling_top_k < 0:
-            raise ValueError(f"--sampling-top-k must be >= 0 (0 = off), got {self.sampling_top_k}.")
+            raise GoldInputError(f"--sampling-top-k must be >= 0 (0 = off), got {self.sampling_top_k}.")
         if self.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}.")
+            raise GoldInputError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}.")
         if self.batch_size < 1 or self.rows_per_shard < 1:
-            raise ValueError("--batch-size and --rows-per-shard must be >= 1.")
+            raise GoldInputError("--batch-size and --rows-per-shard must be >= 1.")
         if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite exclude each other: pick one.")
+            raise GoldInputError("--resume and --overwrite exclude each other: pick one.")
         if self.num_workers < 1:
-            raise ValueError(f"--num-workers must be >= 1, got {self.num_workers}.")
+            raise GoldInputError(f"--num-workers must be >= 1, got {self.num_workers}.")
         if (self.rank is None) != (self.world_size is None):
-            raise ValueError("rank and world_size go together (or leave both unset to read the launcher's env).")
+            raise GoldInputError("rank and world_size go together (or leave both unset to read the launcher's env).")
         if self.world_size is not None and not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}.")
+            raise GoldInputError(f"rank {self.rank} is outside world size {self.world_size}.")
         if self.num_workers > 1 and self.world_size not in (None, 1):
-            raise ValueError("Use either --num-workers (local processes) or a launcher's rank/world size, not both.")
+            raise GoldInputError(
+                "Use either --num-workers (local processes) or a launcher's rank/world size, not both.")
         if self.max_context is not None and self.max_context < 2:
-            raise ValueError(f"--max-context must be >= 2, got {self.max_context}.")
+            raise GoldInputError(f"--max-context must be >= 2, got {self.max_context}.")
         if self.backend == "openai":
             if not self.base_url:
-                raise ValueError("--backend openai needs --base-url, e.g. http://127.0.0.1:8000/v1.")
+                raise GoldInputError("--backend openai needs --base-url, e.g. http://127.0.0.1:8000/v1.")
             if self.score_only:
-                raise ValueError(
+                raise GoldInputError(
                     "--score-only is not supported by --backend openai: completion servers only score a given "
                     "text through echo=true prompt log-probs, which were found shifted by one position on "
                     "llama.cpp. Score with --backend hf or --backend vllm instead."
                 )
             if self.concurrency < 1 or self.max_retries < 0 or self.request_timeout_s <= 0:
-                raise ValueError("--concurrency >= 1, --max-retries >= 0 and --request-timeout-s > 0 are required.")
+                raise GoldInputError("--concurrency >= 1, --max-retries >= 0 and --request-timeout-s > 0 are required.")
             if self.prompt_format not in ("auto", "ids", "text"):
-                raise ValueError(f"--prompt-format must be auto, ids or text, got {self.prompt_format!r}.")
+                raise GoldInputError(f"--prompt-format must be auto, ids or text, got {self.prompt_format!r}.")
         if self.backend == "vllm":
             if self.tensor_parallel_size < 1:
-                raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}.")
+                raise GoldInputError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}.")
             if not 0 < self.gpu_memory_utilization <= 1:
-                raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+                raise GoldInputError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
             if self.model_impl not in ("auto", "vllm", "transformers"):
-                raise ValueError(f"--model-impl must be auto, vllm or transformers, got {self.model_impl!r}.")
+                raise GoldInputError(f"--model-impl must be auto, vllm or transformers, got {self.model_impl!r}.")
 
     def to_dict(self) -> dict:
         """JSON-ready resolved config for the manifest (paths as strings)."""

@@ -1,9 +1,8 @@
 """transformers backend: batched generation (left padding), then ONE teacher-forced scoring pass.
 
-Generation uses `model.generate` in greedy mode behind a logits processor that applies temperature / top-k /
-top-p and adds Gumbel noise drawn from a per-sample generator (Gumbel-max = exact sampling). Every sample has
-its own random stream seeded from (seed, sample_id), so a resumed shard reproduces its rows and the sample does
-not depend on which other prompts share its batch.
+Generation is `models.generation.generate_seeded` (shared with on-policy rollouts): every sample has its own
+random stream seeded from (seed, sample_id), so a resumed shard reproduces its rows and the sample does not
+depend on which other prompts share its batch.
 
 The stored log-probs come from a separate scoring pass over [left-pad | prompt | completion | right-pad]: all
 completions start at the same column, so `logits_to_keep` computes logits only at the C completion positions
@@ -14,9 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from gold_pipeline.teacher_cache.base import TeacherRequest, TeacherResult, cut_at_stop, topk_from_logprobs
+from gold_pipeline.errors import GoldInputError
+from gold_pipeline.models.generation import SamplingSettings, generate_seeded
+from gold_pipeline.teacher_cache.base import TeacherRequest, TeacherResult, topk_from_logprobs
 
 SCORE_ELEMENT_BUDGET = 1 << 27   # logits elements (B_chunk * C * V) per scoring forward: 512 MiB of float32
 
@@ -25,44 +25,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-class SeededSampler(LogitsProcessor):
-    """Per-row sampling for greedy `generate`: filtered log-probs + per-row Gumbel noise (argmax = a sample).
-
-    seeds: one per batch row. temperature 0 -> plain greedy (no noise).
-    """
-
-    def __init__(self, seeds: list[int], temperature: float, top_p: float = 1.0, top_k: int = 0):
-        self.generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        # scores: (B, V) next-token logits
-        if self.temperature == 0:
-            return scores
-        logprobs = torch.log_softmax(scores.float() / self.temperature, dim=-1)     # (B, V)
-        logprobs = filter_logprobs(logprobs, top_k=self.top_k, top_p=self.top_p)
-        vocab = logprobs.shape[-1]
-        uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators])          # (B, V)
-        gumbel = -torch.log(-torch.log(uniform.clamp_(1e-12, 1.0 - 1e-7)))                      # (B, V)
-        return logprobs + gumbel.to(logprobs.device)
-
-
-def filter_logprobs(logprobs: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Mask (to -inf) tokens outside the top-k and outside the smallest top-p nucleus. logprobs: (B, V)."""
-    if top_k and top_k < logprobs.shape[-1]:
-        kth = torch.topk(logprobs, top_k, dim=-1).values[:, -1:]                     # (B, 1)
-        logprobs = logprobs.masked_fill(logprobs < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_lp, order = torch.sort(logprobs, dim=-1, descending=True)             # (B, V)
-        mass_before = torch.cumsum(sorted_lp.exp(), dim=-1) - sorted_lp.exp()        # exclusive cumulative mass
-        remove_sorted = mass_before >= top_p                                         # the first token always stays
-        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-        logprobs = logprobs.masked_fill(remove, float("-inf"))
-    return logprobs
 
 
 class HFBackend:
@@ -99,7 +61,7 @@ class HFBackend:
         self.context_length = max_context or config_context or 2048
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         if top_k > self.vocab_size:
-            raise ValueError(f"--top-k {top_k} exceeds the teacher's vocabulary size {self.vocab_size}.")
+            raise GoldInputError(f"--top-k {top_k} exceeds the teacher's vocabulary size {self.vocab_size}.")
 
     # ---------------------------------------------------------------------------------------------------------
     def run(self, requests: list[TeacherRequest]) -> list[TeacherResult]:
@@ -127,36 +89,12 @@ class HFBackend:
         return results
 
     # ---------------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, batch: list[TeacherRequest]) -> tuple[list[list[int]], list[str]]:
         """Sample one completion per request; ids end with a stop id ("stop") or hit max_new_tokens ("length")."""
-        width = max(len(r.prompt_ids) for r in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)           # (B, P)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)                  # (B, P)
-        for row, request in enumerate(batch):
-            input_ids[row, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
-            attention_mask[row, width - len(request.prompt_ids):] = 1
-        generation_config = GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.pad_id,
-        )
-        sampler = SeededSampler([r.seed for r in batch], self.temperature, self.top_p, self.sampling_top_k)
-        sequences = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            generation_config=generation_config,
-            logits_processor=LogitsProcessorList([sampler]),
-        )                                                                                    # (B, P + new)
-        new_tokens = sequences[:, width:].tolist()
-        stop = set(self.stop_ids)
-        completions, finish = [], []
-        for ids in new_tokens:
-            cut, reason = cut_at_stop(ids, stop, self.max_new_tokens)
-            completions.append(cut)
-            finish.append(reason)
-        return completions, finish
+        sampling = SamplingSettings(self.max_new_tokens, self.temperature, self.top_p, self.sampling_top_k,
+                                    batch_size=len(batch))  # fmt: skip
+        return generate_seeded(self.model, [r.prompt_ids for r in batch], [r.seed for r in batch], sampling,
+                               stop_ids=self.stop_ids, pad_id=self.pad_id)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------------
     @torch.no_grad()

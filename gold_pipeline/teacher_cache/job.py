@@ -25,16 +25,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from gold_pipeline.schemas import TEACHER_SCHEMA
-from gold_pipeline.shards import (
+from gold_pipeline.data.ragged import rows_to_arrow, starts_of, to_arrow
+from gold_pipeline.data.schemas import TEACHER_SCHEMA
+from gold_pipeline.data.shards import ShardWriter, check_run_identity, prepare_output_dir
+from gold_pipeline.data.shards import sample_id as make_sample_id
+from gold_pipeline.errors import (
+    BackendUnavailable,
     GoldInputError,
-    ShardWriter,
-    check_run_identity,
-    prepare_output_dir,
-    sample_id as make_sample_id,
+    GoldRuntimeError,
+    StageTimeoutError,
+    WorkerFailedError,
 )
-from gold_pipeline.teacher_cache.base import BackendUnavailable, TeacherRequest, TeacherResult, sample_seed
+from gold_pipeline.models.generation import sample_seed
+from gold_pipeline.teacher_cache.base import TeacherRequest, TeacherResult
 from gold_pipeline.teacher_cache.config import TeacherCacheConfig
+from gold_pipeline.text.pair import TokenizerSide, pad_token_id, stop_token_ids, tokenizer_record
 
 SKIP_HINT = "Or pass --skip-invalid to skip such rows (they are counted in the manifest)."
 
@@ -57,8 +62,8 @@ class PromptItem:
 
 
 def load_teacher_tokenizer(cfg: TeacherCacheConfig):
-    from gold_pipeline.models import model_tokenizer_name
-    from gold_pipeline.tokenization import load_tokenizer
+    from gold_pipeline.models.loading import model_tokenizer_name
+    from gold_pipeline.text.tokenizers import load_tokenizer
 
     template = Path(cfg.chat_template).read_text(encoding="utf-8") if cfg.chat_template else None
     name = cfg.teacher_tokenizer or model_tokenizer_name(cfg.teacher)
@@ -66,26 +71,14 @@ def load_teacher_tokenizer(cfg: TeacherCacheConfig):
     return load_tokenizer(name, revision=revision, chat_template=template)
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """Generation stops at the first end-of-turn id of the chat template or at EOS."""
-    from gold_pipeline.tokenization import end_of_turn_ids
-
-    ids = list(end_of_turn_ids(tokenizer)[:1])
-    eos = tokenizer.eos_token_id
-    for value in eos if isinstance(eos, list) else [eos]:
-        if value is not None and value not in ids:
-            ids.append(int(value))
+def teacher_stop_ids(tokenizer) -> list[int]:
+    """Generation stops at the first end-of-turn id of the chat template or at EOS (text.pair.stop_token_ids);
+    a tokenizer with neither is refused."""
+    ids = stop_token_ids(tokenizer)
     if not ids:
         raise GoldInputError("The teacher tokenizer has neither an end-of-turn token nor an EOS token: generation "
                              "could never stop. Pass a --chat-template or a tokenizer with an EOS token.")
     return ids
-
-
-def pad_token_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 def check_prompt(messages: list[dict[str, str]]) -> str | None:
@@ -112,8 +105,8 @@ REASON_TEXT = {
 
 def plan_prompts(cfg: TeacherCacheConfig, tokenizer, context_length: int | None) -> tuple[list[PromptItem], dict]:
     """Valid prompts in dataset order and the counts of skipped rows per reason (errors unless skip_invalid)."""
-    from gold_pipeline.sources import iter_examples
-    from gold_pipeline.tokenization import encode_completion, end_of_turn_ids, render_prompt_ids
+    from gold_pipeline.data.sources import iter_examples
+    from gold_pipeline.text.encode import encode_completion, end_of_turn_ids, render_prompt_ids
 
     invalid: dict[str, int] = {}
     items: list[PromptItem] = []
@@ -188,55 +181,28 @@ def completion_text_of(tokenizer, result: TeacherResult, stop_ids: set[int]) -> 
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def _list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
-
-
 def rows_to_table(rows: list[dict[str, Any]], top_k: int) -> pa.Table:
     """Build the TEACHER_SCHEMA table column-wise from numpy (no per-float Python objects); top-k log-probs are
     cast to the schema's type (float16: 2 bytes per entry keeps K = 64 under 400 bytes per teacher token)."""
     n = len(rows)
-    columns: dict[str, Any] = {
-        "sample_id": [r["sample_id"] for r in rows],
-        "row_index": [r["row_index"] for r in rows],
-        "generation_index": [r["generation_index"] for r in rows],
-        "messages": [r["messages"] for r in rows],
-        "prompt_text": [r["prompt_text"] for r in rows],
-        "completion_text": [r["completion_text"] for r in rows],
-        "teacher_prompt_ids": [r["teacher_prompt_ids"] for r in rows],
-        "teacher_completion_ids": [r["teacher_completion_ids"] for r in rows],
-        "finish_reason": [r["finish_reason"] for r in rows],
-    }
-    lengths = np.array([len(r["teacher_completion_ids"]) for r in rows], dtype=np.int64)
+    arrays: dict[str, pa.Array] = {}
+    for name in ("sample_id", "row_index", "generation_index", "messages", "prompt_text", "completion_text",
+                 "finish_reason"):
+        arrays[name] = pa.array([r[name] for r in rows], type=TEACHER_SCHEMA.field(name).type)
+    for name in ("teacher_prompt_ids", "teacher_completion_ids"):
+        arrays[name] = rows_to_arrow([np.asarray(r[name], dtype=np.int32) for r in rows],
+                                     TEACHER_SCHEMA.field(name).type)
     if top_k == 0 or n == 0:
         for name in ("teacher_token_logprobs", "teacher_topk_ids", "teacher_topk_logprobs"):
-            columns[name] = pa.nulls(n, TEACHER_SCHEMA.field(name).type)
-        return _as_teacher_table(columns)
-    token_lp = np.concatenate([r["teacher_token_logprobs"] for r in rows]).astype(np.float32)     # (N,)
-    topk_ids = np.concatenate([r["teacher_topk_ids"] for r in rows]).astype(np.int32)            # (N, K)
-    topk_lp = np.concatenate([r["teacher_topk_logprobs"] for r in rows])                         # (N, K)
-    value_type = TEACHER_SCHEMA.field("teacher_topk_logprobs").type.value_type.value_type
-    topk_lp = topk_lp.astype(np.float16 if value_type == pa.float16() else np.float32)
-    total = int(lengths.sum())
-    inner_lengths = np.full(total, top_k, dtype=np.int64)
-    columns["teacher_token_logprobs"] = _list_array(token_lp, lengths, pa.float32())
-    columns["teacher_topk_ids"] = pa.ListArray.from_arrays(
-        pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)),
-        _list_array(topk_ids.reshape(-1), inner_lengths, pa.int32()))
-    columns["teacher_topk_logprobs"] = pa.ListArray.from_arrays(
-        pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)),
-        _list_array(topk_lp.reshape(-1), inner_lengths, value_type))
-    return _as_teacher_table(columns)
-
-
-def _as_teacher_table(columns: dict[str, Any]) -> pa.Table:
-    arrays = []
-    for field in TEACHER_SCHEMA:
-        value = columns[field.name]
-        arrays.append(value if isinstance(value, pa.Array) else pa.array(value, type=field.type))
-    return pa.Table.from_arrays(arrays, schema=TEACHER_SCHEMA)
+            arrays[name] = pa.nulls(n, TEACHER_SCHEMA.field(name).type)
+    else:
+        starts = starts_of([len(r["teacher_completion_ids"]) for r in rows])  # (R+1,)
+        for name in ("teacher_token_logprobs", "teacher_topk_ids", "teacher_topk_logprobs"):
+            per_token = name == "teacher_token_logprobs"  # (n,) per row, the top-k columns (n, K)
+            values = np.concatenate([np.asarray(r[name]) if per_token else np.asarray(r[name]).reshape(len(r[name]), top_k)
+                                     for r in rows])  # (N,) or (N, K)
+            arrays[name] = to_arrow(values, starts, TEACHER_SCHEMA.field(name).type)
+    return pa.Table.from_arrays([arrays[field.name] for field in TEACHER_SCHEMA], schema=TEACHER_SCHEMA)
 
 
 def make_row(item: PromptItem, generation_index: int, request: TeacherRequest, result: TeacherResult,
@@ -249,10 +215,10 @@ def make_row(item: PromptItem, generation_index: int, request: TeacherRequest, r
     if top_k:
         for name, value in (("token_logprobs", result.token_logprobs), ("topk_logprobs", result.topk_logprobs)):
             if value is None or len(value) != m:
-                raise RuntimeError(f"Backend returned {name} of length {None if value is None else len(value)} "
+                raise GoldRuntimeError(f"Backend returned {name} of length {None if value is None else len(value)} "
                                    f"for {m} completion tokens (sample {request.sample_id}).")
             if np.isnan(value).any() or np.isposinf(value).any():
-                raise RuntimeError(
+                raise GoldRuntimeError(
                     f"The teacher produced NaN/inf log-probs for sample {request.sample_id} (row {item.row_index}): "
                     f"the model overflows in this dtype; rerun with --dtype float32 (or bfloat16)."
                 )
@@ -296,7 +262,7 @@ def context_length_for(cfg: TeacherCacheConfig, model=None) -> int | None:
         return None
     from transformers import AutoConfig
 
-    from gold_pipeline.models import PKG_PREFIX, packaged_model_dir
+    from gold_pipeline.models.loading import PKG_PREFIX, packaged_model_dir
 
     path = str(packaged_model_dir(cfg.teacher)) if cfg.teacher.startswith(PKG_PREFIX) else cfg.teacher
     config = AutoConfig.from_pretrained(path, revision=None if cfg.teacher.startswith(PKG_PREFIX)
@@ -306,9 +272,9 @@ def context_length_for(cfg: TeacherCacheConfig, model=None) -> int | None:
 
 
 def make_backend(cfg: TeacherCacheConfig, tokenizer, device: str, model=None):
-    stop = stop_token_ids(tokenizer)
+    stop = teacher_stop_ids(tokenizer)
     if cfg.backend == "hf":
-        from gold_pipeline.models import load_model
+        from gold_pipeline.models.loading import load_model
         from gold_pipeline.teacher_cache.hf import HFBackend
 
         model = model if model is not None else load_model(cfg.teacher, revision=cfg.teacher_revision,
@@ -349,16 +315,14 @@ def run_identity(cfg: TeacherCacheConfig, fingerprints: dict) -> dict:
 
 
 def fingerprints_for(cfg: TeacherCacheConfig, tokenizer) -> dict:
-    from gold_pipeline.sources import dataset_fingerprint
-    from gold_pipeline.tokenization import tokenizer_fingerprint
+    from gold_pipeline.data.sources import dataset_fingerprint
 
-    tokenizer_name = cfg.teacher_tokenizer or cfg.teacher
+    revision = None if cfg.teacher_tokenizer else cfg.teacher_revision
     return {
         "dataset": dataset_fingerprint(cfg.dataset, split=cfg.split),
         "teacher_model": {"name": cfg.teacher, "revision": cfg.teacher_revision, "backend": cfg.backend},
-        "teacher_tokenizer": {"name": tokenizer_name, "sha256": tokenizer_fingerprint(tokenizer),
-                              "revision": None if cfg.teacher_tokenizer else cfg.teacher_revision,
-                              "chat_template_source": getattr(tokenizer, "gold_chat_template_source", None)},
+        "teacher_tokenizer": tokenizer_record(cfg.teacher_tokenizer or cfg.teacher, revision,
+                                              TokenizerSide.of(tokenizer), cfg.chat_template),
     }
 
 
@@ -384,7 +348,8 @@ def _wait_for(predicate, what: str, timeout_s: float = 3600.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"Timed out after {timeout_s:.0f} s waiting for {what}.")
+            raise StageTimeoutError(f"Timed out after {timeout_s:.0f} s waiting for {what}; check that process, then "
+                                    f"rerun with --resume.")
         time.sleep(1.0)
 
 
@@ -420,8 +385,8 @@ def run_teacher_cache(cfg: TeacherCacheConfig, *, model=None) -> dict:
             process.join()
         failed = [p.name for p in processes if p.exitcode != 0]
         if failed:
-            raise RuntimeError(f"Teacher-cache workers {failed} failed (see their errors above); fix the cause and "
-                               f"rerun with --resume to finish the remaining shards.")
+            raise WorkerFailedError(f"Teacher-cache workers {failed} failed (see their errors above); fix the cause "
+                                    f"and rerun with --resume to finish the remaining shards.")
         plan_invalid, num_shards = _plan_counts(cfg, tokenizer)
         backend_seconds = None
     else:
@@ -483,7 +448,7 @@ def _work(cfg: TeacherCacheConfig, tokenizer, rank: int, world: int, *, model=No
     summary = {"invalid": invalid, "num_shards": len(ranges), "tokens": 0, "rows": 0, "seconds": 0.0}
     if not mine:
         return summary
-    stop = set(stop_token_ids(tokenizer))
+    stop = set(teacher_stop_ids(tokenizer))
     backend = make_backend(cfg, tokenizer, _device_for(cfg, rank), model=model)
     total_rows = sum(ranges[s][1] - ranges[s][0] for s in mine) * cfg.num_generations
     started = time.perf_counter()

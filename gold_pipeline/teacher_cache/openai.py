@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gold_pipeline.teacher_cache.base import BackendUnavailable, TeacherRequest, TeacherResult
+from gold_pipeline.errors import BackendUnavailable, GoldInputError
+from gold_pipeline.teacher_cache.base import TeacherRequest, TeacherResult
 
 TOKEN_ID_PATTERN = re.compile(r"^token_id:(-?\d+)$")
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -126,7 +127,7 @@ def normalize_piece(text: str) -> str:
 
 
 def build_piece_table(tokenizer) -> PieceTable:
-    from gold_pipeline.byte_tables import byte_table
+    from gold_pipeline.text.bytes import byte_table
 
     table = byte_table(tokenizer)
     pieces = [normalize_piece(raw.decode("utf-8", errors="ignore")) for raw in table.token_bytes]
@@ -147,7 +148,7 @@ def map_completion_ids(
 
     Raises RowMappingError when the tokens cannot be matched to ids.
     """
-    from gold_pipeline.tokenization import encode_completion
+    from gold_pipeline.text.encode import encode_completion
 
     direct = [TOKEN_ID_PATTERN.match(t) for t in tokens]
     if tokens and all(direct):
@@ -321,7 +322,7 @@ class OpenAIBackend:
                 request.prompt_text = self.tokenizer.decode(request.prompt_ids, skip_special_tokens=False,
                                                             clean_up_tokenization_spaces=False)
             if request.completion_ids is not None:
-                raise ValueError("The openai backend does not score given completions (--score-only).")
+                raise GoldInputError("The openai backend does not score given completions (--score-only).")
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(self._one, requests_))
 

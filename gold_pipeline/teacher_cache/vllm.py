@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gold_pipeline.teacher_cache.base import BackendUnavailable, TeacherRequest, TeacherResult
+from gold_pipeline.errors import BackendUnavailable, GoldInputError
+from gold_pipeline.teacher_cache.base import TeacherRequest, TeacherResult
 
 VLLM_MISSING = (
     "--backend vllm needs vLLM, which is not installed. It is an optional extra with no CPU build: on a CUDA "
@@ -53,8 +54,8 @@ def engine_kwargs(cfg) -> dict:
     if cfg.max_model_len is not None:
         kwargs["max_model_len"] = cfg.max_model_len
     if cfg.teacher.startswith("pkg:"):
-        raise ValueError(f"--backend vllm cannot load the packaged model {cfg.teacher}; use --backend hf, or "
-                         f"pass a hub id / model folder.")
+        raise GoldInputError(f"--backend vllm cannot load the packaged model {cfg.teacher}; use --backend hf, or "
+                              f"pass a hub id / model folder.")
     return kwargs
 
 

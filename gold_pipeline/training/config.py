@@ -20,6 +20,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from gold_pipeline.errors import GoldInputError
+
 logger = logging.getLogger(__name__)
 
 MERGE_STRATEGY_ALIASES = {"first": "first", "last": "last", "observed": "first", "bayesian": "last"}
@@ -187,13 +189,18 @@ class GOLDConfig(TrainingArguments):
                 try:
                     setattr(self, name, json.loads(value))
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{name} must be a dict or a JSON object string: {error}.") from None
-        super().__post_init__()
+                    raise GoldInputError(f"{name} must be a dict or a JSON object string: {error}.") from None
+        try:
+            super().__post_init__()
+        except GoldInputError:
+            raise
+        except ValueError as error:  # TrainingArguments' own checks: the same input-error type as every config
+            raise GoldInputError(f"GOLDConfig: {error}") from error
         self._validate_gold_fields()
 
     def _validate_gold_fields(self) -> None:
         def fail(name: str, why: str) -> None:
-            raise ValueError(f"GOLDConfig.{name}={getattr(self, name)!r}: {why}")
+            raise GoldInputError(f"GOLDConfig.{name}={getattr(self, name)!r}: {why}")
 
         for name in ("lmbda", "beta"):
             if not 0.0 <= getattr(self, name) <= 1.0:

@@ -268,7 +268,7 @@ def _prefixed(prefix: str, diag: dict) -> dict:
 def student_nats(student_logits: torch.Tensor, batch: dict, student_eot_ids: list[int]) -> tuple[torch.Tensor, int]:
     """Summed negative log-likelihood (nats) of the completion text tokens (end-of-turn ids left out: they
     carry no bytes), for bits-per-byte = sum nats / (ln 2 * sum bytes). Returns (nats, counted tokens)."""
-    from gold_pipeline.training.data import ends_with
+    from gold_pipeline.training.collate import ends_with
 
     logprobs = torch.log_softmax(student_logits.float(), dim=-1)  # (Ns, Vs)
     token_logprobs = logprobs.gather(1, batch["student_token_ids"].unsqueeze(1)).squeeze(1)  # (Ns,)

@@ -92,10 +92,26 @@ def _gather_objects(accelerator, obj) -> list:
 
 
 class JsonlMetricsCallback(TrainerCallback):
-    """Appends every log dict (with step and epoch) to a jsonl file, on the main process only."""
+    """Appends every log dict (with step and epoch) to a jsonl file, on the main process only.
+
+    The file belongs to one run: when training begins it is emptied, except that a resumed run keeps the lines
+    up to the step it resumes from (so it reads as one uninterrupted run, never two runs mixed)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.path.exists():
+            return
+        kept = []
+        if state.global_step > 0:  # resumed from a checkpoint at this step
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= state.global_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

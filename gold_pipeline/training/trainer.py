@@ -23,26 +23,20 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from gold_pipeline.errors import GoldInputError
+from gold_pipeline.text.pair import TokenizerPair
 from gold_pipeline.training import loss as gold_loss
+from gold_pipeline.training.collate import TOPK_COLUMNS, collate_rows, identity_collate, stop_group_rows
 from gold_pipeline.training.config import GOLDConfig
-from gold_pipeline.training.data import (
-    AlignedShardDataset,
-    GenerationGroupSampler,
-    TOPK_COLUMNS,
-    TokenizerPair,
-    build_dataset,
-    collate_rows,
-    identity_collate,
-    stop_group_rows,
-)
+from gold_pipeline.training.datasets import AlignedShardDataset, GenerationGroupSampler, build_dataset
 from gold_pipeline.training.metrics import JsonlMetricsCallback, MetricsAccumulator, log_completions
 from gold_pipeline.training.rollouts import (
     HFGenerateBackend,
-    SamplingSettings,
     make_generation_backend,
     on_policy_flags,
+    rollout_seeds,
     rollout_slices,
-    stop_ids_for,
+    sampling_from_args,
 )
 
 logger = logging.getLogger(__name__)
@@ -87,16 +81,16 @@ class GOLDTrainer(Trainer):
         peft_config=None,
         **kwargs,
     ):
-        from gold_pipeline.tokenization import load_tokenizer
+        from gold_pipeline.text.tokenizers import load_tokenizer
 
         if args is None:
             args = GOLDConfig(output_dir="gold-output")
         if not isinstance(args, GOLDConfig):
-            raise TypeError(f"args must be a GOLDConfig, got {type(args).__name__}.")
+            raise GoldInputError(f"args must be a GOLDConfig, got {type(args).__name__}.")
         if model is None:
-            raise ValueError("GOLDTrainer needs `model` (the student): a model, a local path or a pkg: name.")
+            raise GoldInputError("GOLDTrainer needs `model` (the student): a model, a local path or a pkg: name.")
         if args.teacher_cache_dir is not None:
-            raise ValueError(
+            raise GoldInputError(
                 f"GOLDConfig.teacher_cache_dir={args.teacher_cache_dir!r}: joining a separate teacher cache at train "
                 "time is not supported yet; run `gold align --teacher-cache DIR` so the aligned shards carry the "
                 "teacher's top-K columns, and train on that aligned directory."
@@ -105,7 +99,7 @@ class GOLDTrainer(Trainer):
         model_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
         if processing_class is None:
             if not isinstance(model, str):
-                raise ValueError("processing_class (the student tokenizer) is required when `model` is an object.")
+                raise GoldInputError("processing_class (the student tokenizer) is required when `model` is an object.")
             processing_class = load_tokenizer(model, revision=args.model_revision, chat_template=chat_template)
         if isinstance(model, str):
             model = _load(model, args.model_revision, args.model_init_kwargs)
@@ -117,10 +111,10 @@ class GOLDTrainer(Trainer):
                 if tok_name else processing_class
             )
         if args.use_uld_loss is False and teacher_processing_class is not processing_class:
-            from gold_pipeline.tokenization import tokenizer_fingerprint
+            from gold_pipeline.text.tokenizers import tokenizer_fingerprint
 
             if tokenizer_fingerprint(teacher_processing_class) != tokenizer_fingerprint(processing_class):
-                raise ValueError(
+                raise GoldInputError(
                     "GOLDConfig.use_uld_loss=False (generalized JSD) compares the two models token by token, but the "
                     "student and teacher tokenizers differ; set use_uld_loss=True for a cross-tokenizer pair."
                 )
@@ -133,7 +127,7 @@ class GOLDTrainer(Trainer):
                                      max_length=args.max_length, what="eval_dataset")
         rows_per_batch = args.per_device_train_batch_size * max(args.world_size, 1)
         if train_dataset is not None and args.dataloader_drop_last and len(train_dataset) < rows_per_batch:
-            raise ValueError(
+            raise GoldInputError(
                 f"train_dataset has {len(train_dataset)} rows, fewer than one batch (per_device_train_batch_size="
                 f"{args.per_device_train_batch_size} x {max(args.world_size, 1)} process(es)), and "
                 "dataloader_drop_last=True drops it: training would run 0 steps. Add rows, lower "
@@ -143,7 +137,7 @@ class GOLDTrainer(Trainer):
         self.use_cached_topk = bool(args.use_teacher_cache and cached_topk)
         needs_teacher = args.lmbda > 0 or args.seq_kd or not self.use_cached_topk
         if needs_teacher and teacher_model is None and args.teacher_model_name_or_path is None:
-            raise ValueError(
+            raise GoldInputError(
                 "No teacher: pass teacher_model or GOLDConfig.teacher_model_name_or_path (only aligned shards with "
                 "cached teacher top-K and lmbda=0 train without one)."
             )
@@ -181,14 +175,10 @@ class GOLDTrainer(Trainer):
             teacher_model.to(self.accelerator.device).eval().requires_grad_(False)
         self.loss_settings = gold_loss.LossSettings.from_args(args, self.student_width, self.teacher_width)
         self.vocab_map = self._vocab_map() if args.use_uld_loss and args.uld_use_hybrid_loss else None
-        self.student_backend = make_generation_backend(
-            args, stop_ids=stop_ids_for(processing_class, self.pair.student_eot_ids), pad_id=self.pair.student_pad_id
-        )
-        self.teacher_backend = HFGenerateBackend(
-            SamplingSettings.from_args(args),
-            stop_ids=stop_ids_for(teacher_processing_class, self.pair.teacher_eot_ids),
-            pad_id=self.pair.teacher_pad_id,
-        )
+        self.student_backend = make_generation_backend(args, stop_ids=list(self.pair.student.stop_ids),
+                                                       pad_id=self.pair.student_pad_id)
+        self.teacher_backend = HFGenerateBackend(sampling_from_args(args), stop_ids=list(self.pair.teacher.stop_ids),
+                                                 pad_id=self.pair.teacher_pad_id)
         self.gold_metrics = MetricsAccumulator()
         self._completion_samples: list[tuple[str, str, str]] = []
         self._warned_short_batch = False
@@ -231,15 +221,20 @@ class GOLDTrainer(Trainer):
         on = [i for i, f in enumerate(flags) if f]
         off = [i for i, f in enumerate(flags) if not f]
         generated = 0
+
+        def seeds(sampler: str) -> list[int]:
+            return rollout_seeds(args.seed, sampler=sampler, global_step=self.state.global_step,
+                                 process=self.accelerator.process_index, count=sum(map(len, slices)))
+
         if on:
             slices, n = rollout_slices(slices, on, model=self.accelerator.unwrap_model(self.model),
                                        backend=self.student_backend, pair=self.pair, sampler="student",
-                                       max_completion_length=args.max_completion_length)
+                                       max_completion_length=args.max_completion_length, seeds=seeds("student"))
             generated += n
         if args.seq_kd and off:
             slices, n = rollout_slices(slices, off, model=self.teacher_model, backend=self.teacher_backend,
                                        pair=self.pair, sampler="teacher",
-                                       max_completion_length=args.max_completion_length)
+                                       max_completion_length=args.max_completion_length, seeds=seeds("teacher"))
             generated += n
         generation_seconds = time.perf_counter() - started
         batches = []
@@ -327,7 +322,7 @@ class GOLDTrainer(Trainer):
 
     def _vocab_map(self):
         from gold_pipeline.losses import vocab_split
-        from gold_pipeline.vocab_map import cached_vocab_map
+        from gold_pipeline.text.vocab_map import cached_vocab_map
 
         mapping = cached_vocab_map(self.pair.student_table, self.pair.teacher_table)  # (M, 2)
         keep = (mapping[:, 0] < self.student_width) & (mapping[:, 1] < self.teacher_width)
@@ -338,7 +333,7 @@ class GOLDTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------------
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        from gold_pipeline.byte_tables import completion_byte_lengths
+        from gold_pipeline.text.bytes import completion_byte_lengths
 
         batch = collate_rows(inputs, self.pair) if isinstance(inputs, list) else inputs
         # bytes the student's completion tokens spell (end-of-turn ids have none)
@@ -384,7 +379,7 @@ class GOLDTrainer(Trainer):
 
 
 def _load(name: str, revision: str | None, init_kwargs: dict | None):
-    from gold_pipeline.models import load_model
+    from gold_pipeline.models.loading import load_model
 
     return load_model(name, revision=revision, init_kwargs=init_kwargs)
 
@@ -398,7 +393,7 @@ def check_vocab(model, tokenizer_size: int, side: str, name: str) -> None:
     Extra rows (padding to a multiple) are allowed: their logits are dropped in the loss."""
     rows = _embedding_rows(model)
     if rows < tokenizer_size:
-        raise ValueError(
+        raise GoldInputError(
             f"The {side} model {name} has {rows} embedding rows but its tokenizer has {tokenizer_size} tokens: "
             f"pass the {side} tokenizer the model was trained with, or call "
             f"model.resize_token_embeddings({tokenizer_size}) first."

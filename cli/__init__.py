@@ -1,1 +1,0 @@
-"""The `gold` command line: thin typer commands over `gold_pipeline`."""

@@ -1,0 +1,1 @@
+"""The `gold` command line (typer): one module per command, `main.app` is the console script."""

@@ -1,0 +1,88 @@
+"""`gold train`: merge --config FILE with the command-line options, build TrainJob + GOLDConfig, train.
+
+Every option (and every GOLDConfig field, via the file or --set KEY=VALUE) can come from a YAML/JSON file;
+options given on the command line win.
+Multi-process: `accelerate launch --num_processes 2 -m gold_pipeline.cli train ...`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from gold_pipeline.errors import GoldInputError
+
+
+def train(
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON file of options (any option below, any GOLDConfig "
+                                                     "field); command-line options override it."),
+    student: Optional[str] = typer.Option(None, help="Student model: local path, hub id or pkg: name."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher model (not needed with cached top-K and lmbda=0)."),
+    aligned: Optional[str] = typer.Option(None, help="Aligned-shard directory from `gold align` (streamed)."),
+    dataset: Optional[str] = typer.Option(None, help="Raw conversations (.jsonl/.json/.parquet), aligned on the fly."),
+    eval_aligned: Optional[str] = typer.Option(None, help="Aligned-shard directory for evaluation (bits per byte)."),
+    eval_dataset: Optional[str] = typer.Option(None, help="Raw conversation file for evaluation."),
+    output_dir: Optional[str] = typer.Option(None, help="Checkpoints, metrics.jsonl and the final student."),
+    teacher_tokenizer: Optional[str] = typer.Option(None, "--teacher-tokenizer",
+                                                    help="Teacher tokenizer (default: the teacher model's)."),
+    use_uld_loss: Optional[bool] = typer.Option(None, "--use-uld-loss/--no-use-uld-loss",
+                                                help="Cross-tokenizer ULD loss (else generalized JSD)."),
+    uld_use_hybrid_loss: Optional[bool] = typer.Option(None, "--uld-use-hybrid-loss/--no-uld-use-hybrid-loss",
+                                                       help="JSD on matched vocabulary + ULD on the rest."),
+    uld_loss_mode: Optional[str] = typer.Option(None, help="ULD sort: exact (default) | fast."),
+    lmbda: Optional[float] = typer.Option(None, help="On-policy probability per slice of the optimizer window."),
+    beta: Optional[float] = typer.Option(None, help="Generalized JSD beta."),
+    seq_kd: Optional[bool] = typer.Option(None, "--seq-kd/--no-seq-kd", help="Sequence-level KD off-policy."),
+    max_completion_length: Optional[int] = typer.Option(None, help="Max completion tokens."),
+    learning_rate: Optional[float] = typer.Option(None, help="Learning rate."),
+    per_device_train_batch_size: Optional[int] = typer.Option(None, help="Rows per micro-batch per process."),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides epochs)."),
+    num_train_epochs: Optional[float] = typer.Option(None, help="Epochs."),
+    logging_steps: Optional[float] = typer.Option(None, help="Log every N steps."),
+    save_steps: Optional[float] = typer.Option(None, help="Checkpoint every N steps."),
+    eval_steps: Optional[float] = typer.Option(None, help="Evaluate every N steps (sets eval_strategy=steps)."),
+    seed: Optional[int] = typer.Option(None, help="Seed."),
+    use_peft: Optional[bool] = typer.Option(None, "--use-peft/--no-use-peft", help="Train LoRA adapters."),
+    report_to: Optional[str] = typer.Option(None, help="Logging integrations, e.g. tensorboard or none."),
+    resume_from_checkpoint: Optional[str] = typer.Option(None, help="Checkpoint directory, or `latest`."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite",
+                                             help="Replace the earlier run in --output-dir (else it is refused)."),
+    use_cpu: Optional[bool] = typer.Option(None, "--use-cpu/--no-use-cpu", help="Train on CPU."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE for any GOLDConfig field (repeatable; "
+                                                                 "VALUE parsed as YAML)."),
+) -> None:
+    """Distill the teacher into the student (GOLD): aligned shards or raw conversations + on-policy rollouts."""
+    import yaml
+
+    from gold_pipeline.training.job import build_job, load_config_file, run_train_job
+
+    options = load_config_file(config)
+    given = dict(
+        student=student, teacher=teacher, aligned=aligned, dataset=dataset, eval_aligned=eval_aligned,
+        eval_dataset=eval_dataset, output_dir=output_dir, teacher_tokenizer_name_or_path=teacher_tokenizer,
+        use_uld_loss=use_uld_loss, uld_use_hybrid_loss=uld_use_hybrid_loss, uld_loss_mode=uld_loss_mode,
+        lmbda=lmbda, beta=beta, seq_kd=seq_kd, max_completion_length=max_completion_length,
+        learning_rate=learning_rate, per_device_train_batch_size=per_device_train_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, max_steps=max_steps,
+        num_train_epochs=num_train_epochs, logging_steps=logging_steps, save_steps=save_steps,
+        eval_steps=eval_steps, seed=seed, use_peft=use_peft, report_to=report_to,
+        resume_from_checkpoint=resume_from_checkpoint, use_cpu=use_cpu, overwrite=overwrite,
+    )
+    options.update({k: v for k, v in given.items() if v is not None})
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise GoldInputError(f"--set {item!r}: expected KEY=VALUE.")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    if options.get("eval_steps") is not None:
+        options.setdefault("eval_strategy", "steps")
+    job, args = build_job(options)
+    result = run_train_job(job, args)
+    typer.echo(f"trained {result['global_step']} steps (mean loss {result['training_loss']:.4f}); student saved "
+               f"to {result['output_dir']}")
+
+
+COMMAND = train

@@ -1,0 +1,1 @@
+"""Causal LMs: loading (hub, local, packaged GGUF models rebuilt for transformers) and seeded generation."""

@@ -1,0 +1,126 @@
+"""Sampling with transformers `generate`, seeded per sample: the one generation path of gold.
+
+Both the teacher cache (`gold teacher-cache --backend hf`) and on-policy rollouts in training sample here.
+`generate` runs in greedy mode behind a logits processor that applies temperature / top-k / top-p and adds
+Gumbel noise drawn from a per-sample generator (Gumbel-max = exact sampling). Every sample has its own random
+stream, so a sample depends only on its seed: not on the batch it shares, the global RNG, or a resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+
+def sample_seed(seed: int, key: str) -> int:
+    """Deterministic 63-bit seed of one sample from the run seed and a key naming the sample (its sample id, or
+    for a rollout its step, process and position): same (seed, key) -> same completion."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def cut_at_stop(new_ids: list[int], stop_ids, limit: int | None = None) -> tuple[list[int], str]:
+    """(ids up to and including the first stop id, "stop"), else (the first `limit` ids, "length")."""
+    stops = set(stop_ids)
+    window = new_ids if limit is None else new_ids[:limit]
+    for position, token in enumerate(window):
+        if token in stops:
+            return list(new_ids[: position + 1]), "stop"
+    return list(window), "length"
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How completions are sampled (TRL's temperature / top_p / top_k names); temperature 0 = greedy."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    batch_size: int = 8  # prompts per generate call
+
+
+def filter_logprobs(logprobs: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Mask (to -inf) tokens outside the top-k and outside the smallest top-p nucleus. logprobs: (B, V)."""
+    if top_k and top_k < logprobs.shape[-1]:
+        kth = torch.topk(logprobs, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logprobs = logprobs.masked_fill(logprobs < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_lp, order = torch.sort(logprobs, dim=-1, descending=True)  # (B, V)
+        mass_before = torch.cumsum(sorted_lp.exp(), dim=-1) - sorted_lp.exp()  # exclusive cumulative mass
+        remove_sorted = mass_before >= top_p  # the first token always stays
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        logprobs = logprobs.masked_fill(remove, float("-inf"))
+    return logprobs
+
+
+class SeededSampler(LogitsProcessor):
+    """Per-row sampling for greedy `generate`: filtered log-probs + per-row Gumbel noise (argmax = a sample).
+
+    seeds: one per batch row. temperature 0 -> plain greedy (no noise).
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float = 1.0, top_k: int = 0):
+        self.generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # scores: (B, V) next-token logits
+        if self.temperature == 0:
+            return scores
+        logprobs = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        logprobs = filter_logprobs(logprobs, top_k=self.top_k, top_p=self.top_p)
+        vocab = logprobs.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators])  # (B, V)
+        gumbel = -torch.log(-torch.log(uniform.clamp_(1e-12, 1.0 - 1e-7)))  # (B, V)
+        return logprobs + gumbel.to(logprobs.device)
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids (B, P), attention_mask (B, P)) of prompts left-padded to the longest one."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, width - len(prompt) :] = 1
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def generate_seeded(model, prompts: list[list[int]], seeds: list[int], sampling: SamplingSettings, *,
+                    stop_ids: list[int], pad_id: int) -> tuple[list[list[int]], list[str]]:
+    """One sampled completion per prompt, in chunks of `sampling.batch_size`: (ids, finish reasons). The ids end
+    with a stop id ("stop") or hold max_new_tokens ids ("length"). The model is put in eval mode meanwhile."""
+    if len(seeds) != len(prompts):
+        raise ValueError(f"generate_seeded got {len(prompts)} prompts and {len(seeds)} seeds: pass one seed each.")
+    device = next(model.parameters()).device
+    stop_ids = list(dict.fromkeys(stop_ids))
+    config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=False,
+                              eos_token_id=stop_ids or None, pad_token_id=pad_id)  # fmt: skip
+    completions: list[list[int]] = []
+    finish: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompts), max(1, sampling.batch_size)):
+            chunk = prompts[start : start + max(1, sampling.batch_size)]
+            input_ids, attention_mask = left_padded(chunk, pad_id)
+            sampler = SeededSampler(seeds[start : start + len(chunk)], sampling.temperature, sampling.top_p,
+                                    sampling.top_k)  # fmt: skip
+            sequences = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                       generation_config=config, logits_processor=LogitsProcessorList([sampler]),
+                                       use_cache=True)  # (B, P + new)
+            for ids in sequences[:, input_ids.shape[1] :].tolist():
+                cut, reason = cut_at_stop(ids, stop_ids, sampling.max_new_tokens)
+                completions.append(cut)
+                finish.append(reason)
+    finally:
+        model.train(was_training)
+    return completions, finish

@@ -1,0 +1,234 @@
+"""`gold inspect DIR`: what is in an aligned (or teacher-cache) output, computed from the Parquet files.
+
+Counts come from the shards themselves (not only from the manifest), read with pyarrow + numpy. Rendering the
+most frequent multi-token groups as text loads the tokenizers named in the manifest (pkg: names load offline);
+when they cannot be loaded the groups are shown as ids and the report says why.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gold_pipeline.data.shards import iter_shard_batches, read_manifest, verify_shards
+from gold_pipeline.errors import GoldInputError
+
+SIDES = ("student", "teacher")
+
+
+def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """list<int32> column -> (values (N,), lengths (rows,))."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = array.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return array.flatten().to_numpy(zero_copy_only=False), lengths
+
+
+def _global_groups(group_ids: np.ndarray, lengths: np.ndarray, num_groups: np.ndarray) -> np.ndarray:
+    """(N,) group ids made global across rows (row offsets added); -1 stays -1."""
+    offsets = np.concatenate([[0], np.cumsum(num_groups)[:-1]]).astype(np.int64)  # (rows,)
+    shifted = group_ids.astype(np.int64) + np.repeat(offsets, lengths)
+    return np.where(group_ids >= 0, shifted, -1)
+
+
+def _piece(token: bytes) -> str:
+    return repr(token.decode("utf-8", errors="backslashreplace"))
+
+
+def _load_tables(manifest: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Byte tables of the manifest's tokenizers, or ({}, reason) when they cannot be loaded."""
+    try:
+        from gold_pipeline.text.pair import TokenizerSpec, load_side
+
+        tables = {}
+        for side in SIDES:
+            record = manifest["fingerprints"][f"{side}_tokenizer"]
+            tables[side] = load_side(TokenizerSpec(record["name"], record.get("revision"), None)).table
+            if len(tables[side].token_bytes) != record.get("vocab_size"):
+                return {}, f"the {side} tokenizer {record['name']!r} now has another vocabulary size than recorded"
+        return tables, None
+    except Exception as error:  # hub unreachable, package missing: the counts are still shown
+        return {}, f"tokenizers not loaded ({error.__class__.__name__}: {str(error).splitlines()[0][:200]})"
+
+
+def inspect_aligned(out_dir: str | Path, manifest: dict[str, Any], *, top: int = 15, sample_rows: int = 5000,
+                    load_tokenizers: bool = True) -> dict[str, Any]:
+    columns = ["num_groups", "status", "truncated", "teacher_topk_ids"] + [
+        f"{side}_{name}" for side in SIDES for name in ("prompt_ids", "completion_ids", "group_ids")]
+    totals: dict[str, Any] = {side: Counter() for side in SIDES}
+    statuses: Counter = Counter()
+    rows = groups = truncated = topk_rows = 0
+    topk_k: set[int] = set()
+    group_counter: Counter = Counter()
+    sampled = 0
+    for batch in iter_shard_batches(out_dir, manifest, columns=columns, batch_size=4096):
+        num_groups = batch.column("num_groups").to_numpy().astype(np.int64)
+        rows += batch.num_rows
+        groups += int(num_groups.sum())
+        statuses.update(batch.column("status").to_pylist())
+        truncated += int(np.sum(batch.column("truncated").to_numpy(zero_copy_only=False)))
+        topk = batch.column("teacher_topk_ids")
+        topk_rows += batch.num_rows - topk.null_count
+        if batch.num_rows - topk.null_count:
+            topk_k.update(set(topk.flatten().value_lengths().to_numpy().tolist()))
+        per_side = {}
+        for side in SIDES:
+            group_ids, lengths = _flat(batch.column(f"{side}_group_ids"))
+            ids, _ = _flat(batch.column(f"{side}_completion_ids"))
+            _, prompt_lengths = _flat(batch.column(f"{side}_prompt_ids"))
+            global_ids = _global_groups(group_ids, lengths, num_groups)  # (N,)
+            sizes = np.bincount(global_ids[global_ids >= 0], minlength=int(num_groups.sum()))  # (G,)
+            totals[side].update({
+                "prompt_tokens": int(prompt_lengths.sum()),
+                "completion_tokens": int(lengths.sum()),
+                "grouped_tokens": int(sizes.sum()),
+                "ungrouped_tokens": int((global_ids < 0).sum()),
+                "multi_token_groups": int((sizes > 1).sum()),
+            })
+            per_side[side] = (ids, global_ids, sizes)
+        if sampled < sample_rows:
+            take_groups = int(num_groups[: sample_rows - sampled].sum())
+            sampled += min(batch.num_rows, sample_rows - sampled)
+            multi = (per_side["student"][2] > 1) | (per_side["teacher"][2] > 1)  # (G,)
+            multi[take_groups:] = False
+            keys: dict[str, list[tuple[int, ...]]] = {}
+            for side in SIDES:
+                ids, global_ids, _ = per_side[side]
+                keep = global_ids >= 0
+                keep[keep] = multi[global_ids[keep]]
+                order = global_ids[keep]
+                starts = np.flatnonzero(np.diff(np.concatenate([[-1], order])))
+                keys[side] = [tuple(chunk.tolist()) for chunk in np.split(ids[keep], starts[1:])] if len(order) else []
+            group_counter.update(zip(keys["student"], keys["teacher"]))
+
+    report: dict[str, Any] = {
+        "path": str(out_dir), "kind": "aligned", "rows": rows, "shards": manifest["num_shards"], "groups": groups,
+        "rows_by_status": dict(statuses), "rows_with_mismatch": sum(v for k, v in statuses.items() if k != "ok"),
+        "truncated_rows": truncated, "rows_with_teacher_topk": topk_rows, "teacher_topk_k": sorted(topk_k),
+        "invalid_rows": manifest["stats"].get("invalid", {}), "skipped_rows": manifest["stats"].get("skipped", {}),
+    }
+    for side in SIDES:
+        part = dict(totals[side])
+        part["multi_token_group_share"] = part.get("multi_token_groups", 0) / max(groups, 1)
+        part["tokens_per_group"] = part.get("grouped_tokens", 0) / max(groups, 1)
+        part["excluded_tokens"] = int(manifest["stats"].get(side, {}).get("excluded_tokens", 0))
+        record = manifest["fingerprints"].get(f"{side}_tokenizer", {})
+        part["tokenizer"] = record.get("name")
+        part["vocab_size"] = record.get("vocab_size")
+        report[side] = part
+    vocab_file = Path(out_dir) / manifest["files"].get("vocab_map", "vocab_map/vocab_map.parquet")
+    pairs = pq.ParquetFile(vocab_file).metadata.num_rows if vocab_file.exists() else None
+    report["vocab_map"] = {
+        "pairs": pairs,
+        "student_share": pairs / report["student"]["vocab_size"] if pairs and report["student"]["vocab_size"] else None,
+        "teacher_share": pairs / report["teacher"]["vocab_size"] if pairs and report["teacher"]["vocab_size"] else None,
+    }
+    tables, note = _load_tables(manifest) if load_tokenizers else ({}, "tokenizers not loaded (--no-tokenizers)")
+    top_groups = []
+    for (student_ids, teacher_ids), count in group_counter.most_common(top):
+        entry: dict[str, Any] = {"count": count, "student_ids": list(student_ids), "teacher_ids": list(teacher_ids)}
+        if tables:
+            student_bytes = [tables["student"].token_bytes[i] for i in student_ids]
+            teacher_bytes = [tables["teacher"].token_bytes[i] for i in teacher_ids]
+            if b"".join(student_bytes) != b"".join(teacher_bytes):
+                note = "tokenizers loaded from the manifest's names do not reproduce the stored groups"
+            entry["text"] = b"".join(student_bytes).decode("utf-8", errors="backslashreplace")
+            entry["student_pieces"] = [_piece(b) for b in student_bytes]
+            entry["teacher_pieces"] = [_piece(b) for b in teacher_bytes]
+        top_groups.append(entry)
+    report["top_multi_token_groups"] = top_groups
+    report["top_groups_from_rows"] = min(sampled, rows)
+    report["notes"] = [note] if note else []
+    return report
+
+
+def inspect_teacher(out_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    rows = tokens = 0
+    ks: set[int] = set()
+    finish: Counter = Counter()
+    for batch in iter_shard_batches(out_dir, manifest, columns=["teacher_completion_ids", "teacher_topk_ids",
+                                                                 "finish_reason"]):
+        rows += batch.num_rows
+        tokens += int(_total_length(batch.column("teacher_completion_ids")))
+        topk = batch.column("teacher_topk_ids")
+        if batch.num_rows - topk.null_count:
+            ks.update(set(topk.flatten().value_lengths().to_numpy().tolist()))
+        finish.update(batch.column("finish_reason").to_pylist())
+    total_bytes = sum(shard["bytes"] for shard in manifest["shards"])
+    return {"path": str(out_dir), "kind": "teacher", "rows": rows, "shards": manifest["num_shards"],
+            "teacher_tokens": tokens, "topk_k": sorted(ks), "finish_reasons": dict(finish),
+            "bytes": total_bytes, "bytes_per_teacher_token": total_bytes / max(tokens, 1),
+            "teacher_tokenizer": manifest["fingerprints"].get("teacher_tokenizer", {}).get("name"), "notes": []}
+
+
+def _total_length(column: pa.Array) -> int:
+    """Sum of the list lengths of a list column."""
+    return int(np.sum(column.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)))
+
+
+def inspect_output(out_dir: str | Path, *, top: int = 15, sample_rows: int = 5000,
+                   load_tokenizers: bool = True) -> dict[str, Any]:
+    """Report (a JSON-able dict) on an aligned or teacher-cache output folder."""
+    manifest = read_manifest(out_dir)
+    verify_shards(out_dir, manifest)
+    if manifest["kind"] == "teacher":
+        return inspect_teacher(out_dir, manifest)
+    if manifest["kind"] != "aligned":
+        raise GoldInputError(f"{out_dir} holds {manifest['kind']!r} output, which gold inspect does not describe.")
+    return inspect_aligned(out_dir, manifest, top=top, sample_rows=sample_rows, load_tokenizers=load_tokenizers)
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """Human-readable text of an inspect report."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    buffer = StringIO()
+    console = Console(file=buffer, width=120, force_terminal=False, color_system=None)
+    if report["kind"] == "teacher":
+        console.print(f"{report['path']}: teacher cache, {report['rows']} rows in {report['shards']} shards, "
+                      f"{report['teacher_tokens']} teacher tokens, top-k K={report['topk_k']}, "
+                      f"{report['bytes_per_teacher_token']:.1f} bytes/token, finish {report['finish_reasons']}")
+        return buffer.getvalue()
+    console.print(f"{report['path']}: {report['rows']} rows in {report['shards']} shards, {report['groups']} groups")
+    table = Table("", "student", "teacher", title="tokens per side")
+    s, t = report["student"], report["teacher"]
+    for label, key, fmt in (("tokenizer", "tokenizer", "{}"), ("vocabulary", "vocab_size", "{}"),
+                            ("prompt tokens", "prompt_tokens", "{}"), ("completion tokens", "completion_tokens", "{}"),
+                            ("grouped tokens", "grouped_tokens", "{}"),
+                            ("excluded tokens (not special)", "excluded_tokens", "{}"),
+                            ("tokens per group", "tokens_per_group", "{:.3f}"),
+                            ("multi-token groups", "multi_token_groups", "{}"),
+                            ("share of multi-token groups", "multi_token_group_share", "{:.2%}")):
+        table.add_row(label, fmt.format(s.get(key, 0)), fmt.format(t.get(key, 0)))
+    console.print(table)
+    vocab = report["vocab_map"]
+    share = (f" ({vocab['student_share']:.1%} of student, {vocab['teacher_share']:.1%} of teacher vocabulary)"
+             if vocab["pairs"] else "")
+    console.print(f"vocab map: {vocab['pairs']} byte-identical pairs{share}")
+    console.print(f"rows by status: {report['rows_by_status']} (with mismatch: {report['rows_with_mismatch']}); "
+                  f"truncated: {report['truncated_rows']}; invalid skipped: {report['invalid_rows'] or 0}; "
+                  f"too long skipped: {report['skipped_rows'] or 0}")
+    if report["rows_with_teacher_topk"]:
+        console.print(f"teacher top-k: {report['rows_with_teacher_topk']} rows, K={report['teacher_topk_k']}")
+    groups = Table("count", "text", "student pieces", "teacher pieces",
+                   title=f"most frequent multi-token groups (first {report['top_groups_from_rows']} rows)")
+    for entry in report["top_multi_token_groups"]:
+        groups.add_row(str(entry["count"]), repr(entry.get("text", "?")),
+                       " ".join(entry.get("student_pieces", map(str, entry["student_ids"]))),
+                       " ".join(entry.get("teacher_pieces", map(str, entry["teacher_ids"]))))
+    console.print(groups)
+    for note in report["notes"]:
+        console.print(f"note: {note}")
+    return buffer.getvalue()
+
+
+def report_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, ensure_ascii=False, indent=2)
