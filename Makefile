@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 env: $(STAMP)
 
 demo: env
-	$(BIN)/python -m cli.main demo
+	$(BIN)/gold demo
 
 test: env
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
@@ -32,6 +32,13 @@ test: env
 test-slow: env
 	$(BIN)/python -c "import llama_cpp.server" 2>/dev/null || $(BIN)/pip install -q "llama-cpp-python[server]==0.3.36"
 	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider
+
+# Benchmarks are not tests: each prints one JSON line, gold side by side with TRL 1.16 in the same run. They run
+# one after another (2 cores: never two at once). docs/benchmarks.md says what each measures.
+BENCHES ?= align loss train train_paired teacher_cache
+bench: env
+	$(BIN)/pip install -q -e ".[embedded,dev,bench]"
+	for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .bench

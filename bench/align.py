@@ -17,7 +17,7 @@ Figures (tokens/s count student + teacher completion tokens; `student_tokens_per
   `tokenizer(texts, split_special_tokens=True)` call) for both sides + `align_batch`. TRL: `encode_with_byte_offsets` for both sides + `_align_by_byte_offsets`.
 * tokenize_plain: the plain fast-tokenizer batch `tokenizer(texts, add_special_tokens=False)` of both sides (the
   baseline for the end-to-end figure), and of the student side alone.
-* gold_align_e2e: `gold_pipeline.align_job.run_align` on a JSONL of the same texts as completions (short user
+* gold_align_e2e: `gold_pipeline.align.run_align` on a JSONL of the same texts as completions (short user
   prompts), num_workers=1, including chat-template rendering, Parquet shards, the vocab map and the manifest;
   tokens/s = completion tokens of both sides / wall time of run_align (best of --repeats runs; tokenizers are
   loaded by a one-row run first, timed apart). `gold_align_e2e_cpu_vs_plain_pair_cpu` is the same ratio in CPU
@@ -43,11 +43,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from gold_pipeline.alignment import align_batch, align_completion  # noqa: E402
-from gold_pipeline.byte_tables import byte_table  # noqa: E402
-from gold_pipeline.tokenization import encode_completions, load_tokenizer  # noqa: E402
+from gold_pipeline.align.batch import align_batch
+from gold_pipeline.align.groups import align_completion
+from gold_pipeline.text.bytes import byte_table
+from gold_pipeline.text.encode import encode_completions
+from gold_pipeline.text.tokenizers import load_tokenizer
 
 
 def shakespeare_texts() -> list[Path]:
@@ -113,7 +114,8 @@ def encode_plain(tokenizer, texts):
 
 
 def gold_e2e(student: str, teacher: str, texts: list[str], repeats: int) -> dict:
-    from gold_pipeline.align_job import AlignConfig, run_align
+    from gold_pipeline.align.config import AlignConfig
+    from gold_pipeline.align.job import run_align
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data.jsonl"

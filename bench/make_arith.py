@@ -1,6 +1,6 @@
 """Write the multi-digit arithmetic prompt files of the quality benchmark (fixed seed, committed output).
 
-    python bench/make_arith.py            # -> data/demo/arith_train.jsonl, data/demo/arith_heldout.jsonl
+    python bench/make_arith.py            # -> gold_pipeline/recipes/demo_data/arith_train.jsonl, gold_pipeline/recipes/demo_data/arith_heldout.jsonl
 
 Each line: {"messages": [system, user], "answer": "<integer>"}. Operands are 2-4 digits, so the byte-level
 BPE teacher (digits one by one) and the SentencePiece student (digits one by one after a "▁") split numbers
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=48)
     parser.add_argument("--heldout", type=int, default=24)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--out-dir", type=Path, default=REPO / "data" / "demo")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "gold_pipeline" / "recipes" / "demo_data")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     seen: set[str] = set()

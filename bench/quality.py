@@ -32,14 +32,12 @@ import math
 import os
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-DATA = REPO / "data" / "demo"
+DATA = REPO / "gold_pipeline" / "recipes" / "demo_data"
 METHODS = ("seq_kd", "uld", "gold_off", "gold_on")
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -109,7 +107,7 @@ def concat_prompts(files: str, target: Path) -> Path:
 
 def prepared_set(args, name: str, files: str, teacher_model) -> tuple[Path, dict]:
     """(aligned dir, cache summary) of one prompt set; the cache is reused when its settings match."""
-    from gold_pipeline.demo import align_cache, cache_teacher
+    from gold_pipeline.recipes.demo import align_cache, cache_teacher
 
     base = args.work / name
     prompts = concat_prompts(files, base / "prompts.jsonl")
@@ -164,41 +162,26 @@ def is_correct(text: str, answer: str) -> bool:
 
 def exact_match(model, tokenizer, rows: list[dict], *, max_new_tokens: int, batch_size: int = 8) -> float:
     """Share of rows whose greedy completion ends with the right number."""
-    import torch
+    from gold_pipeline.models.generation import SamplingSettings, generate_seeded
+    from gold_pipeline.text.encode import render_prompt_ids
+    from gold_pipeline.text.pair import pad_token_id, stop_token_ids
 
-    from gold_pipeline.tokenization import end_of_turn_ids, render_prompt_ids
-    from gold_pipeline.training.rollouts import cut_at_stop, stop_ids_for
-
-    stop = stop_ids_for(tokenizer, list(end_of_turn_ids(tokenizer)))
-    pad = tokenizer.pad_token_id if isinstance(tokenizer.pad_token_id, int) else stop[0]
-    was_training = model.training
-    model.eval()
+    stop = stop_token_ids(tokenizer)
+    prompts = [render_prompt_ids(tokenizer, [m for m in r["messages"] if m["role"] != "assistant"]) for r in rows]
+    greedy = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+    completions, _ = generate_seeded(model, prompts, [0] * len(prompts), greedy, stop_ids=stop,
+                                     pad_id=pad_token_id(tokenizer))
     correct = 0
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            prompts = [render_prompt_ids(tokenizer, [m for m in r["messages"] if m["role"] != "assistant"])
-                       for r in chunk]
-            width = max(len(p) for p in prompts)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, P) left-padded
-            attention_mask = torch.zeros_like(input_ids)
-            for b, p in enumerate(prompts):
-                input_ids[b, width - len(p) :] = torch.tensor(p)
-                attention_mask[b, width - len(p) :] = 1
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad)
-            for row, ids in zip(chunk, out[:, width:].tolist()):
-                ids = [t for t in cut_at_stop(ids, stop) if t not in stop]
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                correct += is_correct(text, row["answer"])
-    model.train(was_training)
+    for row, ids in zip(rows, completions):
+        text = tokenizer.decode([t for t in ids if t not in stop], skip_special_tokens=True)
+        correct += is_correct(text, row["answer"])
     return correct / max(len(rows), 1)
 
 
 def teacher_exact_match(aligned_dir: Path, pair, em_rows: list[dict]) -> float | None:
     """Exact match of the teacher's own cached (sampled) completions on the exact-match prompts."""
-    from gold_pipeline.demo import aligned_rows
-    from gold_pipeline.shards import sample_id
+    from gold_pipeline.data.shards import sample_id
+    from gold_pipeline.recipes.demo import aligned_rows
 
     answers = {sample_id([m for m in r["messages"] if m["role"] != "assistant"]): r["answer"] for r in em_rows}
     hits = [is_correct(row["completion_text"], answers[row["sample_id"]])
@@ -232,7 +215,9 @@ def mean_std(values: list[float]) -> dict:
 def main(argv=None) -> dict:
     import torch
 
-    from gold_pipeline.demo import (
+    from gold_pipeline.data.shards import read_manifest
+    from gold_pipeline.models.loading import load_model, model_tokenizer_name
+    from gold_pipeline.recipes.demo import (
         aligned_rows,
         build_student,
         gap_closed,
@@ -241,10 +226,8 @@ def main(argv=None) -> dict:
         train_args,
         train_student,
     )
-    from gold_pipeline.models import load_model, model_tokenizer_name
-    from gold_pipeline.shards import read_manifest
-    from gold_pipeline.tokenization import load_tokenizer
-    from gold_pipeline.training.data import TokenizerPair
+    from gold_pipeline.text.pair import TokenizerPair
+    from gold_pipeline.text.tokenizers import load_tokenizer
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads or (1 if os.getloadavg()[0] > (os.cpu_count() or 1) else 2))

@@ -28,12 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gold_pipeline.models import PKG_MODELS, load_model, tiny_model_for  # noqa: E402
-from gold_pipeline.schemas import TEACHER_SCHEMA  # noqa: E402
+from gold_pipeline.data.schemas import TEACHER_SCHEMA
+from gold_pipeline.models.loading import PKG_MODELS, load_model, tiny_model_for
 from gold_pipeline.teacher_cache import TeacherCacheConfig, bytes_per_teacher_token, run_teacher_cache  # noqa: E402
-from gold_pipeline.tokenization import load_tokenizer  # noqa: E402
+from gold_pipeline.text.tokenizers import load_tokenizer
 
 TEACHER = "pkg:smollm2-135m-instruct"
 STUDENT = "pkg:gemma3-270m"
@@ -131,12 +129,19 @@ def bench_openai(dataset: Path, work: Path, max_new_tokens: int, k: int) -> dict
 @torch.no_grad()
 def loss_deviation(out: Path, teacher_model, ks: list[int]) -> dict:
     """Relative |topk loss - exact loss| of ULD and hybrid on real teacher log-probs (cross-tokenizer student)."""
-    from gold_pipeline.alignment import align_completion
-    from gold_pipeline.byte_tables import byte_table
-    from gold_pipeline.losses import (hybrid_loss, hybrid_loss_topk, merged_logprobs, merged_topk, uld_loss,
-                                      uld_loss_topk, vocab_split)
-    from gold_pipeline.tokenization import encode_completion, end_of_turn_ids, render_prompt_ids
-    from gold_pipeline.vocab_map import build_vocab_map
+    from gold_pipeline.align.groups import align_completion
+    from gold_pipeline.losses import (
+        hybrid_loss,
+        hybrid_loss_topk,
+        merged_logprobs,
+        merged_topk,
+        uld_loss,
+        uld_loss_topk,
+        vocab_split,
+    )
+    from gold_pipeline.text.bytes import byte_table
+    from gold_pipeline.text.encode import encode_completion, end_of_turn_ids, render_prompt_ids
+    from gold_pipeline.text.vocab_map import build_vocab_map
 
     teacher_tok, student_tok = load_tokenizer("pkg:smollm2"), load_tokenizer("pkg:gemma3")
     student_model = load_model(STUDENT)

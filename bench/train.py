@@ -76,8 +76,8 @@ class StepTimer:
 
 
 def models(teacher_size: str = "tiny"):
-    from gold_pipeline.models import tiny_model_for
-    from gold_pipeline.tokenization import load_tokenizer
+    from gold_pipeline.models.loading import tiny_model_for
+    from gold_pipeline.text.tokenizers import load_tokenizer
 
     s_tok, t_tok = load_tokenizer(STUDENT), load_tokenizer(TEACHER)
     return s_tok, t_tok, tiny_model_for(s_tok, seed=0), tiny_model_for(t_tok, seed=1, **TEACHER_SIZES[teacher_size])
@@ -110,8 +110,9 @@ def cached_topk_dir(work: Path, teacher, t_tok) -> Path:
     import pyarrow.parquet as pq
     import torch
 
-    from gold_pipeline.align_job import AlignConfig, run_align
-    from gold_pipeline.schemas import ALIGNED_SCHEMA
+    from gold_pipeline.align.config import AlignConfig
+    from gold_pipeline.align.job import run_align
+    from gold_pipeline.data.schemas import ALIGNED_SCHEMA
 
     source = work / "conversations.jsonl"
     source.write_text("".join(json.dumps(c) + "\n" for c in conversations()))

@@ -23,10 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import train as B  # noqa: E402  (bench/train.py: models, data and trainer setup)
 
 
