@@ -18,7 +18,7 @@ app = typer.Typer(
 )
 
 COMMANDS = {"teacher-cache": "teacher_cache", "align": "align", "train": "train", "inspect": "inspect_cmd",
-            "demo": "demo"}
+            "report": "report", "demo": "demo"}
 
 
 @app.callback()

@@ -300,7 +300,14 @@ def run_demo(cfg: DemoConfig, *, teacher_model=None) -> dict[str, Any]:
     teacher_model: an already loaded teacher (tests pass a tiny one; cfg.teacher then names its tokenizer).
     """
     from gold_pipeline.models.loading import load_model, model_tokenizer_name
-    from gold_pipeline.recipes.report import group_sizes, loss_curve, topk_tail_mass, write_report
+    from gold_pipeline.recipes.report import (
+        aligned_figures,
+        draw_panels,
+        group_sizes,
+        loss_curve,
+        loss_panel,
+        topk_tail_mass,
+    )
     from gold_pipeline.text.pair import TokenizerPair
     from gold_pipeline.text.tokenizers import load_tokenizer
 
@@ -395,11 +402,11 @@ def run_demo(cfg: DemoConfig, *, teacher_model=None) -> dict[str, Any]:
             label = next(k for k in curves if k.startswith("mixed"))
             steps, values = curves[label]
             curves[label] = (steps + cfg.steps, values)
-        write_report(out / "report.png", curves=curves, student_group_sizes=sizes["student"],
-                     teacher_group_sizes=sizes["teacher"], tail_mass=tail,
-                     title=f"gold demo: {cfg.teacher} -> {summary['student']}",
-                     notes=(f"held-out bits/byte: student {before['bits_per_byte']:.3f} -> "
-                            f"{after['bits_per_byte']:.3f}, teacher {teacher_eval['bits_per_byte']:.3f}"))
+        panels = [loss_panel(curves)] + aligned_figures(out / "aligned_train").panels  # `gold report`'s panels
+        draw_panels([panel for panel in panels if panel is not None], out / "report.png",
+                    title=f"gold demo: {cfg.teacher} -> {summary['student']}",
+                    notes=(f"held-out bits/byte: student {before['bits_per_byte']:.3f} -> "
+                           f"{after['bits_per_byte']:.3f}, teacher {teacher_eval['bits_per_byte']:.3f}"))
     summary["seconds"] = dict(timer.seconds, total=round(time.perf_counter() - started, 2))
     summary["report"] = str(out / "report.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -36,6 +36,27 @@ def _global_groups(group_ids: np.ndarray, lengths: np.ndarray, num_groups: np.nd
     return np.where(group_ids >= 0, shifted, -1)
 
 
+def sizes_per_group(group_ids: np.ndarray, lengths: np.ndarray, num_groups: np.ndarray) -> np.ndarray:
+    """Tokens in each aligned group, all rows together.
+
+    group_ids: (N,) per-row group ids (0,0,1,2,2,...; -1 = excluded) of rows laid end to end; lengths: (rows,)
+    tokens per row; num_groups: (rows,) groups per row. Returns (G,) int64 (excluded tokens are in no group).
+    """
+    global_ids = _global_groups(group_ids, lengths, num_groups)  # (N,)
+    return np.bincount(global_ids[global_ids >= 0], minlength=int(np.sum(num_groups)))  # (G,)
+
+
+def group_size_counts(sizes: np.ndarray) -> list[int]:
+    """(G,) tokens per group -> counts[i] = number of groups of i + 1 tokens (up to the largest group)."""
+    return np.bincount(sizes, minlength=1)[1:].astype(np.int64).tolist() if len(sizes) else []
+
+
+def _add_counts(total: list[int], more: list[int]) -> list[int]:
+    """Element-wise sum of two group-size count lists of any lengths."""
+    longer, shorter = (total, more) if len(total) >= len(more) else (more, total)
+    return [a + (shorter[i] if i < len(shorter) else 0) for i, a in enumerate(longer)]
+
+
 def _piece(token: bytes) -> str:
     return repr(token.decode("utf-8", errors="backslashreplace"))
 
@@ -65,6 +86,7 @@ def inspect_aligned(out_dir: str | Path, manifest: dict[str, Any], *, top: int =
     rows = groups = truncated = topk_rows = 0
     topk_k: set[int] = set()
     group_counter: Counter = Counter()
+    size_counts: dict[str, list[int]] = {side: [] for side in SIDES}
     sampled = 0
     for batch in iter_shard_batches(out_dir, manifest, columns=columns, batch_size=4096):
         num_groups = batch.column("num_groups").to_numpy().astype(np.int64)
@@ -82,7 +104,8 @@ def inspect_aligned(out_dir: str | Path, manifest: dict[str, Any], *, top: int =
             ids, _ = _flat(batch.column(f"{side}_completion_ids"))
             _, prompt_lengths = _flat(batch.column(f"{side}_prompt_ids"))
             global_ids = _global_groups(group_ids, lengths, num_groups)  # (N,)
-            sizes = np.bincount(global_ids[global_ids >= 0], minlength=int(num_groups.sum()))  # (G,)
+            sizes = sizes_per_group(group_ids, lengths, num_groups)  # (G,)
+            size_counts[side] = _add_counts(size_counts[side], group_size_counts(sizes))
             totals[side].update({
                 "prompt_tokens": int(prompt_lengths.sum()),
                 "completion_tokens": int(lengths.sum()),
@@ -116,6 +139,7 @@ def inspect_aligned(out_dir: str | Path, manifest: dict[str, Any], *, top: int =
         part = dict(totals[side])
         part["multi_token_group_share"] = part.get("multi_token_groups", 0) / max(groups, 1)
         part["tokens_per_group"] = part.get("grouped_tokens", 0) / max(groups, 1)
+        part["group_size_counts"] = size_counts[side]  # [i] = groups of i + 1 tokens on this side
         part["excluded_tokens"] = int(manifest["stats"].get(side, {}).get("excluded_tokens", 0))
         record = manifest["fingerprints"].get(f"{side}_tokenizer", {})
         part["tokenizer"] = record.get("name")
