@@ -77,6 +77,23 @@ def _load_tables(manifest: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
         return {}, f"tokenizers not loaded ({error.__class__.__name__}: {str(error).splitlines()[0][:200]})"
 
 
+def group_pieces(student: list[bytes], teacher: list[bytes], tables: dict[str, Any]):
+    """The token bytes of a stored group as text pieces per side, or None when the two sides spell different text.
+
+    A group at the start of a completion may carry a SentencePiece dummy-prefix space on one side: its first
+    token's leading space is no text, the alignment strips it (text.bytes.strips_dummy_prefix), and so does this.
+    """
+    joined_s, joined_t = b"".join(student), b"".join(teacher)
+    if joined_s == joined_t:
+        return student, teacher
+    for name, mine, other, mine_joined, other_joined in (("student", student, teacher, joined_s, joined_t),
+                                                         ("teacher", teacher, student, joined_t, joined_s)):
+        if tables[name].dummy_prefix and mine_joined[:1] == b" " and mine_joined[1:] == other_joined:
+            stripped = [mine[0][1:], *mine[1:]]
+            return (stripped, other) if name == "student" else (other, stripped)
+    return None
+
+
 def inspect_aligned(out_dir: str | Path, manifest: dict[str, Any], *, top: int = 15, sample_rows: int = 5000,
                     load_tokenizers: bool = True) -> dict[str, Any]:
     columns = ["num_groups", "status", "truncated", "teacher_topk_ids"] + [
@@ -159,8 +176,11 @@ def inspect_aligned(out_dir: str | Path, manifest: dict[str, Any], *, top: int =
         if tables:
             student_bytes = [tables["student"].token_bytes[i] for i in student_ids]
             teacher_bytes = [tables["teacher"].token_bytes[i] for i in teacher_ids]
-            if b"".join(student_bytes) != b"".join(teacher_bytes):
+            pieces = group_pieces(student_bytes, teacher_bytes, tables)
+            if pieces is None:
                 note = "tokenizers loaded from the manifest's names do not reproduce the stored groups"
+            else:
+                student_bytes, teacher_bytes = pieces
             entry["text"] = b"".join(student_bytes).decode("utf-8", errors="backslashreplace")
             entry["student_pieces"] = [_piece(b) for b in student_bytes]
             entry["teacher_pieces"] = [_piece(b) for b in teacher_bytes]

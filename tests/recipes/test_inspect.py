@@ -99,3 +99,14 @@ def test_inspect_teacher_cache(tmp_path):
     assert report["topk_k"] == [2] and report["finish_reasons"] == {"stop": 1, "length": 1}
     assert report["bytes_per_teacher_token"] > 0
     assert "teacher cache" in render_report(report)
+
+
+def test_dummy_prefix_group_at_completion_start_is_not_a_mismatch_note(tmp_path):
+    """Regression: a SentencePiece student's first completion token carries the dummy-prefix space
+    (b' Notebooks' against the byte-level teacher's b'Notebooks'); gold inspect reported that the tokenizers
+    'do not reproduce the stored groups'. The space is no text: the group's pieces agree without it."""
+    out = tmp_path / "aligned"
+    run_align(AlignConfig(out=str(out), dataset=str(DEMO_DIR / "train.jsonl"), student_tokenizer="pkg:mistral-sp-v1",
+                          teacher_tokenizer="pkg:smollm2", shard_size=64, progress=False))
+    report = inspect_output(out, top=400)
+    assert report["notes"] == [] and len(report["top_multi_token_groups"]) > 20
