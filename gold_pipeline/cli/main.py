@@ -29,8 +29,9 @@ def main(debug: bool = typer.Option(False, "--debug", envvar="GOLD_DEBUG",
 
 
 for _name, _module in COMMANDS.items():
-    _command = importlib.import_module(f"gold_pipeline.cli.{_module}").COMMAND
-    app.command(_name)(guarded(_command))
+    _mod = importlib.import_module(f"gold_pipeline.cli.{_module}")
+    # CONTEXT_SETTINGS: `gold train` lets TRL-style --field_name flags through to its own parser
+    app.command(_name, context_settings=getattr(_mod, "CONTEXT_SETTINGS", None))(guarded(_mod.COMMAND))
 
 if __name__ == "__main__":
     app()

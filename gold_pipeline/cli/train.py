@@ -1,7 +1,10 @@
 """`gold train`: merge --config FILE with the command-line options, build TrainJob + GOLDConfig, train.
 
 Every option (and every GOLDConfig field, via the file or --set KEY=VALUE) can come from a YAML/JSON file;
-options given on the command line win.
+options given on the command line win. TRL's GOLD script command line runs unchanged: the options below are
+gold's dashed spellings, and everything else on the command line (`--model_name_or_path`, `--dataset_name`,
+`--dtype`, any GOLDConfig/TrainingArguments field as `--field_name`, ...) is parsed by training/trl_args.py;
+the command must be registered with CONTEXT_SETTINGS so that those reach it.
 Multi-process: `accelerate launch --num_processes 2 -m gold_pipeline.cli train ...`.
 """
 
@@ -12,10 +15,12 @@ from typing import Optional
 
 import typer
 
-from gold_pipeline.errors import GoldInputError
+# Let click hand the TRL-style options (underscored names, every GOLDConfig field) to trl_args.parse_argv.
+CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def train(
+    ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, help="YAML/JSON file of options (any option below, any GOLDConfig "
                                                      "field); command-line options override it."),
     student: Optional[str] = typer.Option(None, help="Student model: local path, hub id or pkg: name."),
@@ -54,12 +59,15 @@ def train(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE for any GOLDConfig field (repeatable; "
                                                                  "VALUE parsed as YAML)."),
 ) -> None:
-    """Distill the teacher into the student (GOLD): aligned shards or raw conversations + on-policy rollouts."""
-    import yaml
+    """Distill the teacher into the student (GOLD): aligned shards or raw conversations + on-policy rollouts.
 
-    from gold_pipeline.training.job import build_job, load_config_file, run_train_job
+    Also TRL's GOLD script options, unchanged: --model_name_or_path,
+    --dataset_name, --dtype, ... and every GOLDConfig field as --field_name
+    (README: "Coming from TRL"). --config takes TRL's YAML layout too.
+    """
+    from gold_pipeline.training.job import build_job, run_train_job
+    from gold_pipeline.training.trl_args import train_options
 
-    options = load_config_file(config)
     given = dict(
         student=student, teacher=teacher, aligned=aligned, dataset=dataset, eval_aligned=eval_aligned,
         eval_dataset=eval_dataset, output_dir=output_dir, teacher_tokenizer_name_or_path=teacher_tokenizer,
@@ -71,14 +79,7 @@ def train(
         eval_steps=eval_steps, seed=seed, use_peft=use_peft, report_to=report_to,
         resume_from_checkpoint=resume_from_checkpoint, use_cpu=use_cpu, overwrite=overwrite,
     )
-    options.update({k: v for k, v in given.items() if v is not None})
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise GoldInputError(f"--set {item!r}: expected KEY=VALUE.")
-        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    if options.get("eval_steps") is not None:
-        options.setdefault("eval_strategy", "steps")
+    options = train_options(config=config, command_line=given, argv=ctx.args, set_items=set_ or [])
     job, args = build_job(options)
     result = run_train_job(job, args)
     typer.echo(f"trained {result['global_step']} steps (mean loss {result['training_loss']:.4f}); student saved "

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gold_pipeline.errors import GoldInputError, OutputExistsError
 
-JOB_KEYS = ("student", "teacher", "aligned", "dataset", "dataset_split", "eval_aligned", "eval_dataset",
-            "eval_split", "resume_from_checkpoint", "overwrite")
+JOB_KEYS = ("student", "teacher", "aligned", "dataset", "dataset_config", "dataset_split", "eval_aligned",
+            "eval_dataset", "eval_split", "resume_from_checkpoint", "overwrite")
 CONFIG_FILE = "gold_train_config.json"  # written into output_dir by every run: marks the folder as a gold run
 
 
@@ -23,13 +26,15 @@ class TrainJob:
     student: student model (local path, hub id or pkg: name). teacher: teacher model (optional when the
     aligned shards carry cached top-K and lmbda=0). aligned / eval_aligned: aligned-shard directories.
     dataset / eval_dataset: raw conversation files (jsonl/json/parquet with `messages` or `prompt`/`completion`),
-    aligned on the fly. resume_from_checkpoint: a checkpoint directory, or "latest" for output_dir's last one.
+    aligned on the fly; dataset_config: the `datasets` configuration name of both (hub datasets).
+    resume_from_checkpoint: a checkpoint directory, or "latest" for output_dir's last one.
     """
 
     student: str
     teacher: str | None = None
     aligned: str | None = None
     dataset: str | None = None
+    dataset_config: str | None = None
     dataset_split: str = "train"
     eval_aligned: str | None = None
     eval_dataset: str | None = None
@@ -85,12 +90,76 @@ def build_job(options: dict[str, Any]) -> tuple[TrainJob, Any]:
     return job, GOLDConfig(**fields)
 
 
-def _raw_dataset(path: str, split: str) -> list:
+def _raw_dataset(path: str, split: str, config_name: str | None = None) -> list:
     """The rows of a raw conversation file (or hub dataset), validated by data.sources exactly as `gold align`
     validates them: an invalid row stops with its file, line and field."""
     from gold_pipeline.data.sources import iter_examples
 
-    return list(iter_examples(path, split=split))
+    return list(iter_examples(path, split=split, config_name=config_name))
+
+
+def data_sources(job: TrainJob) -> list[dict[str, Any]]:
+    """The fingerprints of the job's training and eval data, for the model card (training/model_card.py)."""
+    from gold_pipeline.training.model_card import data_source
+
+    sources = [data_source(job.aligned, role="train", aligned=True) if job.aligned is not None else
+               data_source(job.dataset, role="train", split=job.dataset_split, config_name=job.dataset_config)]
+    if job.eval_aligned is not None:
+        sources.append(data_source(job.eval_aligned, role="eval", aligned=True))
+    elif job.eval_dataset is not None:
+        sources.append(data_source(job.eval_dataset, role="eval", split=job.eval_split,
+                                   config_name=job.dataset_config))
+    return sources
+
+
+_TRUE = ("1", "on", "yes", "true")
+HUB_TIMEOUT_S = 10.0
+
+
+def hub_problem(token: str | None, *, offline: bool, whoami: Callable[[str], Any], timeout_s: float) -> str | None:
+    """Why the Hub cannot take a push (None when it can): offline mode, no token, or `whoami(token)` failing or not
+    answering within timeout_s (it runs on a daemon thread, so a hung connection cannot hold the run)."""
+    if offline:
+        return "offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set); unset it"
+    if not token:
+        return "no Hugging Face token is set; run `hf auth login`, set HF_TOKEN or pass --hub_token"
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["user"] = whoami(token)
+        except Exception as error:  # noqa: BLE001 - any failure means no push; its text goes into the message
+            outcome["error"] = error
+
+    thread = threading.Thread(target=call, name="gold-hub-check", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        return f"the Hub did not answer within {timeout_s:g} s; check the network"
+    if "error" in outcome:
+        error = outcome["error"]
+        detail = (str(error).splitlines() or [""])[0]
+        return (f"the Hub refused the token or could not be reached ({type(error).__name__}: {detail}); check the "
+                "token and the network")
+    return None
+
+
+def check_push_to_hub(args, *, timeout_s: float = HUB_TIMEOUT_S) -> None:
+    """With args.push_to_hub, refuse before anything is loaded or written when the Hub cannot take the push. Only
+    the configured Hub endpoint (HF_ENDPOINT) is contacted, and only when a token is set and offline mode is off."""
+    if not args.push_to_hub:
+        return
+    from huggingface_hub import constants, get_token, whoami
+
+    offline = constants.HF_HUB_OFFLINE or any(
+        os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    token = args.hub_token or get_token()
+    problem = hub_problem(token, offline=offline, whoami=lambda t: whoami(token=t), timeout_s=timeout_s)
+    if problem is not None:
+        raise GoldInputError(
+            f"--push_to_hub needs the Hugging Face Hub ({constants.ENDPOINT}), but {problem}. Or train without "
+            f"--push_to_hub and upload later: `hf upload REPO_ID {args.output_dir}`."
+        )
 
 
 def _is_gold_run(out: Path) -> bool:
@@ -121,25 +190,33 @@ def prepare_train_output(out: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def run_train_job(job: TrainJob, args) -> dict[str, Any]:
-    """Train, save the final student to args.output_dir, write the resolved config next to it."""
+    """Train, save the final student to args.output_dir with its model card (README.md), write the resolved
+    config next to it. With args.push_to_hub the Hub is checked first (check_push_to_hub), before anything runs."""
     from accelerate import PartialState
 
     from gold_pipeline.training.trainer import GOLDTrainer
 
+    check_push_to_hub(args)
     out = Path(args.output_dir)
     if PartialState().is_main_process:
         prepare_train_output(out, resume=job.resume_from_checkpoint is not None, overwrite=job.overwrite)
     PartialState().wait_for_everyone()
-    train_data = job.aligned if job.aligned is not None else _raw_dataset(job.dataset, job.dataset_split)
-    eval_data = job.eval_aligned or (_raw_dataset(job.eval_dataset, job.eval_split) if job.eval_dataset else None)
+    train_data = (job.aligned if job.aligned is not None
+                  else _raw_dataset(job.dataset, job.dataset_split, job.dataset_config))
+    eval_data = job.eval_aligned or (_raw_dataset(job.eval_dataset, job.eval_split, job.dataset_config)
+                                     if job.eval_dataset else None)
     trainer = GOLDTrainer(model=job.student, teacher_model=job.teacher, args=args, train_dataset=train_data,
                           eval_dataset=eval_data)
+    trainer.model_card_context.update(student=job.student, teacher=job.teacher or args.teacher_model_name_or_path,
+                                      data=data_sources(job))
     if trainer.accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(json.dumps(
             {"job": dataclasses.asdict(job), "args": json.loads(args.to_json_string())}, indent=2, default=str))
     resume = job.resume_from_checkpoint
     result = trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
-    trainer.save_model(str(out))
+    trainer.save_model(str(out))  # with push_to_hub, also writes the card (GOLDTrainer.create_model_card) and uploads
     trainer.processing_class.save_pretrained(str(out))
+    if not args.push_to_hub:
+        trainer.create_model_card()  # README.md next to the saved student
     return {"global_step": result.global_step, "training_loss": result.training_loss, "output_dir": str(out)}

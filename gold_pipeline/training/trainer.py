@@ -8,6 +8,7 @@ What is overridden and why:
 - `_get_train_sampler`: seeded, resumable order with num_generations repeats.
 - `prediction_step` / `evaluation_loop`: student bits-per-byte on the eval completions.
 - `log`: GOLD metrics next to Trainer's.
+- `create_model_card`: gold's model card (training/model_card.py) instead of Trainer's draft.
 Everything else (optimizer, scheduler, checkpoints and resume, logging integrations, DeepSpeed/FSDP/DDP,
 push_to_hub) is Trainer's.
 """
@@ -180,6 +181,9 @@ class GOLDTrainer(Trainer):
         self.teacher_backend = HFGenerateBackend(sampling_from_args(args), stop_ids=list(self.pair.teacher.stop_ids),
                                                  pad_id=self.pair.teacher_pad_id)
         self.gold_metrics = MetricsAccumulator()
+        # What the model card cannot learn from the trainer: the model names as given and the data fingerprints
+        # (run_train_job fills "student", "teacher", "data"; see training/model_card.py).
+        self.model_card_context: dict = {}
         self._completion_samples: list[tuple[str, str, str]] = []
         self._warned_short_batch = False
         self._window_policy_slices = {"on": 0, "off": 0, "seq_kd": 0}
@@ -359,8 +363,17 @@ class GOLDTrainer(Trainer):
         return output
 
     # ------------------------------------------------------------------------------------------------------
-    # Logging.
+    # Logging and the model card.
     # ------------------------------------------------------------------------------------------------------
+
+    def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
+        """Trainer's card hook (push_to_hub calls it before uploading the folder): gold's card, README.md in
+        output_dir (training/model_card.py). Trainer's keyword arguments (tags, dataset_name, ...) are not used."""
+        if not self.is_world_process_zero():
+            return
+        from gold_pipeline.training.model_card import trainer_card_info, write_model_card
+
+        write_model_card(self.args.output_dir, trainer_card_info(self, model_name=model_name))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the GOLD metrics gathered since the last one
