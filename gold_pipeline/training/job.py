@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import os
 import threading
 from collections.abc import Callable
@@ -87,7 +88,28 @@ def build_job(options: dict[str, Any]) -> tuple[TrainJob, Any]:
     if job.teacher is not None:
         fields.setdefault("teacher_model_name_or_path", job.teacher)
     fields.setdefault("output_dir", "runs/gold")
+    if "use_uld_loss" not in fields and cross_tokenizer_pair(job.student, fields):
+        # TRL's command line often leaves use_uld_loss out; token-by-token JSD is meaningless across tokenizers
+        print("gold train: the student and teacher tokenizers differ, so use_uld_loss=True (ULD over aligned "
+              "groups); pass --use_uld_loss false to refuse instead.", file=sys.stderr)
+        fields["use_uld_loss"] = True
     return job, GOLDConfig(**fields)
+
+
+def cross_tokenizer_pair(student: str, fields: dict[str, Any]) -> bool:
+    """Whether the student's tokenizer and the teacher's (teacher_tokenizer_name_or_path, else the teacher
+    model's) differ. Names that are equal are the same tokenizer without loading; False without a teacher."""
+    from gold_pipeline.models.loading import model_tokenizer_name
+    from gold_pipeline.text.tokenizers import load_tokenizer, tokenizer_fingerprint
+
+    teacher = fields.get("teacher_tokenizer_name_or_path") or fields.get("teacher_model_name_or_path")
+    if not teacher:
+        return False
+    names = model_tokenizer_name(student), model_tokenizer_name(teacher)
+    if names[0] == names[1]:
+        return False
+    student_tok = load_tokenizer(names[0], revision=fields.get("model_revision"))
+    return tokenizer_fingerprint(student_tok) != tokenizer_fingerprint(load_tokenizer(names[1]))
 
 
 def _raw_dataset(path: str, split: str, config_name: str | None = None) -> list:

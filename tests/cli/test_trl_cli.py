@@ -48,8 +48,8 @@ def test_trl_gold_script_command_trains_and_saves_a_student_with_a_card(tmp_path
     result = CliRunner().invoke(app, [
         "train", "--model_name_or_path", student, "--teacher_model_name_or_path", teacher, "--dataset_name", data,
         "--learning_rate", "2e-5", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-        "--output_dir", str(out), "--num_train_epochs", "1", "--max_steps", "2", "--use_uld_loss",
-        "--uld_use_hybrid_loss", "true", "--max_completion_length", "12", "--logging_steps", "1",
+        "--output_dir", str(out), "--num_train_epochs", "1", "--max_steps", "2",
+        "--max_completion_length", "12", "--logging_steps", "1",
         "--save_strategy", "no", "--report_to", "none", "--use_cpu",
     ])
     assert result.exit_code == 0, result.output
@@ -58,9 +58,11 @@ def test_trl_gold_script_command_trains_and_saves_a_student_with_a_card(tmp_path
     resolved = json.loads((out / "gold_train_config.json").read_text())
     assert resolved["job"]["student"] == student and resolved["job"]["dataset"] == data
     assert resolved["args"]["learning_rate"] == 2e-5 and resolved["args"]["teacher_model_name_or_path"] == teacher
+    # a cross-tokenizer pair without --use_uld_loss (as TRL's example writes it) gets ULD, and says so
+    assert resolved["args"]["use_uld_loss"] is True and "use_uld_loss=True" in result.output
     card = (out / "README.md").read_text()
     assert f"`{student}`" in card and f"`{teacher}`" in card
-    assert "GOLD hybrid loss" in card and "| lmbda | 0.5 |" in card and "| learning_rate | 2e-05 |" in card
+    assert "ULD" in card and "| lmbda | 0.5 |" in card and "| learning_rate | 2e-05 |" in card
     from gold_pipeline.data.shards import file_sha256
 
     assert file_sha256(data) in card  # the data fingerprint
@@ -159,3 +161,13 @@ def test_push_to_hub_without_a_reachable_hub_fails_before_training(tmp_path, mon
     assert result.exit_code == 2, result.output
     assert "--push_to_hub needs the Hugging Face Hub" in result.output and "offline" in result.output
     assert not out.exists()  # nothing trained, no checkpoint written
+
+
+def test_cross_tokenizer_pair_with_use_uld_loss_false_is_still_refused(tmp_path):
+    student, teacher, data = _save(tmp_path, STUDENT_TOKENIZER, 0), _save(tmp_path, TEACHER_TOKENIZER, 1), _data(tmp_path)
+    result = CliRunner().invoke(app, [
+        "train", "--model_name_or_path", student, "--teacher_model_name_or_path", teacher, "--dataset_name", data,
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--use_uld_loss", "false", "--use_cpu",
+        "--report_to", "none",
+    ])
+    assert result.exit_code == 2 and "tokenizers differ" in result.output
