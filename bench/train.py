@@ -13,7 +13,14 @@ packaged tokenizers), batch 4, max_completion_length 32, 2 threads, hybrid ULD. 
                                        whose forward pass is not negligible
 Each case runs in its own process (peak RSS is per process). The last line is one JSON object.
 
+`--pair real`: the users' shapes instead of tiny models: the real Qwen2.5-Coder-0.5B-Instruct teacher
+(pkg:qwen2.5-coder-0.5b-instruct, 152k vocabulary) and the real SmolLM2-135M-Instruct student (49k), both
+byte-level (so TRL runs the pair too), batch 4, 64 completion tokens. Cases trl_off, trl_on, gold_off, gold_on,
+gold_off_cached and `floor`: the same student's plain cross-entropy step on the same batch plus the teacher's
+forward pass on it (no distillation loss), the cost of running the two models at all.
+
     python bench/train.py [--steps 6] [--warmup 2] [--cases gold_off,trl_off]
+    python bench/train.py --pair real [--steps 4] [--warmup 1]
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STUDENT, TEACHER = "pkg:cl100k", "pkg:deepseek-v3"
 BATCH, COMPLETION, THREADS, K = 4, 32, 2, 64
+REAL_STUDENT, REAL_TEACHER, REAL_COMPLETION = "pkg:smollm2-135m-instruct", "pkg:qwen2.5-coder-0.5b-instruct", 64
+REAL_CASES = ["trl_off", "trl_on", "gold_off", "gold_on", "gold_off_cached", "floor"]
+PAIR = "tiny"  # set by --pair
 CASES = ["trl_off", "trl_on", "gold_off", "gold_on", "gold_off_fast", "gold_on_fast", "gold_off_cached",
          "gold_off_t135m", "gold_off_cached_t135m"]
 # teacher sizes: the issue's tiny teacher, and SmolLM2-135M-Instruct's dimensions (its config, random weights)
@@ -76,10 +86,12 @@ class StepTimer:
 
 
 def models(teacher_size: str = "tiny"):
-    from gold_pipeline.models.loading import tiny_model_for
+    from gold_pipeline.models.loading import load_model, model_tokenizer_name, tiny_model_for
     from gold_pipeline.text.tokenizers import load_tokenizer
 
-    s_tok, t_tok = load_tokenizer(STUDENT), load_tokenizer(TEACHER)
+    s_tok, t_tok = load_tokenizer(model_tokenizer_name(STUDENT)), load_tokenizer(model_tokenizer_name(TEACHER))
+    if PAIR == "real":
+        return s_tok, t_tok, load_model(STUDENT, dtype="float32").train(), load_model(TEACHER, dtype="float32")
     return s_tok, t_tok, tiny_model_for(s_tok, seed=0), tiny_model_for(t_tok, seed=1, **TEACHER_SIZES[teacher_size])
 
 
@@ -148,6 +160,53 @@ def run_gold(lmbda: float, mode: str, cached: bool, steps: int, work: Path, time
                        processing_class=s_tok, teacher_processing_class=t_tok, callbacks=[timer.callback()])
 
 
+def run_floor(steps: int, timer: StepTimer):
+    """The floor of a distillation step: the student's cross-entropy step on the same batches (prompt +
+    reference completion, truncated to max_completion_length completion tokens) plus the teacher's forward pass
+    on its own tokenization of them; AdamW at the same learning rate. Returns an object with .train() and
+    .state.log_history like a Trainer."""
+    import torch
+
+    from gold_pipeline.text.encode import encode_completion, render_prompt_ids
+
+    s_tok, t_tok, student, teacher = models()
+    rows = conversations()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+
+    def batch_ids(tok, chunk):
+        seqs = []
+        for row in chunk:
+            prompt = render_prompt_ids(tok, row["messages"][:-1])
+            seqs.append(prompt + encode_completion(tok, row["messages"][-1]["content"])[:COMPLETION])
+        width = max(map(len, seqs))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.tensor([q + [pad] * (width - len(q)) for q in seqs])
+        mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs])
+        return ids, mask
+
+    class Floor:
+        class state:
+            log_history: list = []
+
+        def train(self):
+            for step in range(steps):
+                chunk = rows[(step * BATCH) % len(rows):][:BATCH]
+                timer._start = time.perf_counter()
+                s_ids, s_mask = batch_ids(s_tok, chunk)
+                t_ids, t_mask = batch_ids(t_tok, chunk)
+                with torch.no_grad():
+                    teacher(input_ids=t_ids, attention_mask=t_mask)
+                labels = s_ids.masked_fill(s_mask == 0, -100)
+                loss = student(input_ids=s_ids, attention_mask=s_mask, labels=labels).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                timer.times.append(time.perf_counter() - timer._start)
+                self.state.log_history.append({"loss": float(loss)})
+
+    return Floor()
+
+
 def one_case(case: str, steps: int, warmup: int) -> dict:
     import torch
 
@@ -157,7 +216,9 @@ def one_case(case: str, steps: int, warmup: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         lmbda = 1.0 if "_on" in case else 0.0
-        if case.startswith("trl"):
+        if case == "floor":
+            trainer = run_floor(steps + warmup, timer)
+        elif case.startswith("trl"):
             trainer = run_trl(lmbda, steps + warmup, work, timer)
         else:
             mode = "fast" if case.endswith("_fast") else "exact"
@@ -183,13 +244,24 @@ def one_case(case: str, steps: int, warmup: int) -> dict:
     }
 
 
+def configure(pair: str) -> None:
+    """Module settings of the chosen pair (the tiny default, or the real Qwen2.5 -> SmolLM2 models)."""
+    global PAIR, STUDENT, TEACHER, COMPLETION
+    PAIR = pair
+    if pair == "real":
+        STUDENT, TEACHER, COMPLETION = REAL_STUDENT, REAL_TEACHER, REAL_COMPLETION
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default=None, help="comma-separated (default: all of the pair's cases)")
+    parser.add_argument("--pair", choices=("tiny", "real"), default="tiny")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    configure(opts.pair)
+    opts.cases = opts.cases or ",".join(REAL_CASES if opts.pair == "real" else CASES)
     if opts.one:
         print("RESULT " + json.dumps(one_case(opts.one, opts.steps, opts.warmup)), flush=True)
         return
@@ -197,7 +269,8 @@ def main() -> None:
                TRL_EXPERIMENTAL_SILENCE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     results: dict[str, dict] = {}
     for case in opts.cases.split(","):
-        cmd = [sys.executable, __file__, "--one", case, "--steps", str(opts.steps), "--warmup", str(opts.warmup)]
+        cmd = [sys.executable, __file__, "--one", case, "--steps", str(opts.steps), "--warmup", str(opts.warmup),
+               "--pair", opts.pair]
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
         if done.returncode != 0 or line is None:
@@ -216,7 +289,7 @@ def main() -> None:
         return None
 
     summary = {
-        "setting": {"student": STUDENT, "teacher": TEACHER, "batch": BATCH, "max_completion_length": COMPLETION,
+        "setting": {"pair": opts.pair, "student": STUDENT, "teacher": TEACHER, "batch": BATCH, "max_completion_length": COMPLETION,
                     "threads": THREADS, "loss": "hybrid ULD", "topk": K, "steps": opts.steps, "warmup": opts.warmup,
                     "teacher_sizes": TEACHER_SIZES},
         "results": results,
@@ -229,6 +302,8 @@ def main() -> None:
         "peak_growth_ratio_off": ratio("gold_off", "trl_off", "peak_rss_growth_mb"),
         "cached_topk_speedup_vs_online_teacher": ratio("gold_off", "gold_off_cached"),
         "cached_topk_speedup_vs_online_teacher_t135m": ratio("gold_off_t135m", "gold_off_cached_t135m"),
+        "off_policy_vs_floor": ratio("gold_off", "floor"),
+        "trl_off_policy_vs_floor": ratio("trl_off", "floor"),
     }
     print(json.dumps(summary))
 
