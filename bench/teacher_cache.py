@@ -3,12 +3,16 @@
 Measures
   - tokens/s per backend: hf with a tiny random model, hf with the real SmolLM2-135M-Instruct, and openai against
     a llama.cpp server (llama-cpp-python serving the same GGUF) when llama_cpp is importable;
+  - the hf backend alone on the real SmolLM2, log-probs recorded during generation (single pass, what gold runs)
+    against generate-then-score (two passes, the former path), alternated in one process, the same ids asserted
+    (`--passes-only` measures just this);
   - bytes per teacher token at K = 16 and 64: uncompressed Arrow payload and zstd Parquet on disk (real rows);
   - the top-K error of the losses: ULD and hybrid computed with the cached top-K teacher vs the exact full teacher
     distribution, on real SmolLM2 teacher log-probs, with Gemma-3-270M as a cross-tokenizer student (real GOLD
     setting: byte alignment, first-position merge, vocab map).
 
-    .venv/bin/python bench/teacher_cache.py [--prompts 8] [--max-new-tokens 48] [--no-server]
+    .venv/bin/python bench/teacher_cache.py [--prompts 8] [--max-new-tokens 48] [--no-server] [--passes-only]
+                                            [--pass-repeats 3]
 """
 
 from __future__ import annotations
@@ -29,8 +33,14 @@ import pyarrow.parquet as pq
 import torch
 
 from gold_pipeline.data.schemas import TEACHER_SCHEMA
+from gold_pipeline.models.generation import sample_seed
 from gold_pipeline.models.loading import PKG_MODELS, load_model, tiny_model_for
 from gold_pipeline.teacher_cache import TeacherCacheConfig, bytes_per_teacher_token, run_teacher_cache  # noqa: E402
+from gold_pipeline.teacher_cache.base import TeacherRequest
+from gold_pipeline.teacher_cache.hf import HFBackend
+from gold_pipeline.teacher_cache.job import teacher_stop_ids
+from gold_pipeline.text.encode import render_prompt_ids
+from gold_pipeline.text.pair import pad_token_id
 from gold_pipeline.text.tokenizers import load_tokenizer
 
 TEACHER = "pkg:smollm2-135m-instruct"
@@ -66,6 +76,45 @@ def run(cfg: TeacherCacheConfig, model=None) -> dict:
             "seconds": round(summary["seconds"], 2), "tokens_per_s": round(summary["new_tokens_per_s"], 2),
             "tokens_per_cpu_s": round(summary["new_teacher_tokens"] / cpu, 2) if cfg.backend == "hf" else None,
             "disk_bytes_per_teacher_token": round(summary["disk_bytes_per_teacher_token"], 1)}
+
+
+def bench_passes(teacher, tokenizer, prompts: int, max_new_tokens: int, k: int, repeats: int) -> dict:
+    """The hf backend alone (no Parquet): tokens/s with the log-probs recorded during generation (single pass)
+    and with a second, teacher-forced scoring pass (two passes), alternated `repeats` times; the ids of the two
+    must be identical. Per wall second (median of the repeats) and per CPU-second of this process."""
+    requests = []
+    for i in range(prompts):
+        text = PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" ({i})")
+        requests.append(TeacherRequest(sample_id=f"bench-{i}", seed=sample_seed(0, f"bench-{i}"),
+                                       prompt_ids=render_prompt_ids(tokenizer, [{"role": "user", "content": text}])))
+    backends = {mode: HFBackend(teacher, top_k=k, stop_ids=teacher_stop_ids(tokenizer), pad_id=pad_token_id(tokenizer),
+                                temperature=0.7, max_new_tokens=max_new_tokens, batch_size=8, device="cpu",
+                                single_pass=mode == "single_pass")
+                for mode in ("two_pass", "single_pass")}
+    wall = {mode: [] for mode in backends}
+    cpu = {mode: [] for mode in backends}
+    outputs = {}
+    for _ in range(repeats):
+        for mode, backend in backends.items():
+            started, cpu_started = time.perf_counter(), time.process_time()
+            outputs[mode] = backend.run(requests)
+            wall[mode].append(time.perf_counter() - started)
+            cpu[mode].append(time.process_time() - cpu_started)
+    single, two = outputs["single_pass"], outputs["two_pass"]
+    assert [r.completion_ids for r in single] == [r.completion_ids for r in two], "single and two pass ids differ"
+    tokens = sum(len(r.completion_ids) for r in single)
+    max_dev = max(max(float(np.abs(a.token_logprobs - b.token_logprobs).max()),
+                      float(np.abs(a.topk_logprobs - b.topk_logprobs).max())) for a, b in zip(single, two))
+    topk_ids_equal = all(np.array_equal(a.topk_ids, b.topk_ids) for a, b in zip(single, two))
+    out = {"rows": len(requests), "new_tokens": tokens, "top_k": k, "temperature": 0.7, "repeats": repeats,
+           "ids_identical": True, "topk_ids_identical": topk_ids_equal, "max_abs_logprob_dev": max_dev}
+    for mode in backends:
+        out[mode] = {"seconds": [round(x, 2) for x in wall[mode]],
+                     "tokens_per_s": round(tokens / float(np.median(wall[mode])), 2),
+                     "tokens_per_cpu_s": round(tokens / float(np.median(cpu[mode])), 2)}
+    out["speedup_wall"] = round(out["single_pass"]["tokens_per_s"] / out["two_pass"]["tokens_per_s"], 3)
+    out["speedup_cpu"] = round(out["single_pass"]["tokens_per_cpu_s"] / out["two_pass"]["tokens_per_cpu_s"], 3)
+    return out
 
 
 def disk_bytes_at_k(out: Path, k: int, work: Path) -> float:
@@ -213,9 +262,18 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--no-server", action="store_true", help="skip the llama.cpp server backend")
+    parser.add_argument("--passes-only", action="store_true",
+                        help="only the single- vs two-pass comparison of the hf backend on SmolLM2")
+    parser.add_argument("--pass-repeats", type=int, default=3, help="alternated runs of each mode (median)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     results: dict = {"threads": 2, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens}
+    if args.passes_only:
+        teacher = load_model(TEACHER)
+        results["hf_smollm2_passes_k64"] = bench_passes(teacher, load_tokenizer("pkg:smollm2"), args.prompts,
+                                                        args.max_new_tokens, 64, args.pass_repeats)
+        print(json.dumps(results))
+        return
     with tempfile.TemporaryDirectory(prefix="gold-bench-tc-") as tmp:
         work = Path(tmp)
         dataset = write_prompts(work / "prompts.jsonl", args.prompts)
@@ -235,6 +293,9 @@ def main() -> None:
         results["hf_smollm2"] = run(TeacherCacheConfig(out=work / "smol", teacher=TEACHER, **{**base, "top_k": 256}),
                                     model=teacher)
         print("hf smollm2:", results["hf_smollm2"], file=sys.stderr)
+        results["hf_smollm2_passes_k64"] = bench_passes(teacher, tokenizer, args.prompts, args.max_new_tokens, 64,
+                                                        args.pass_repeats)
+        print("hf smollm2 single vs two pass:", results["hf_smollm2_passes_k64"], file=sys.stderr)
 
         results["bytes_per_teacher_token"] = {
             f"k{k}": {"uncompressed": bytes_per_teacher_token(k), "parquet_zstd": round(disk_bytes_at_k(work / "smol", k, work), 1)}

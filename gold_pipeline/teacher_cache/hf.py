@@ -1,12 +1,14 @@
-"""transformers backend: batched generation (left padding), then ONE teacher-forced scoring pass.
+"""transformers backend: batched generation (left padding) that records the teacher log-probs as it goes.
 
-Generation is `models.generation.generate_seeded` (shared with on-policy rollouts): every sample has its own
-random stream seeded from (seed, sample_id), so a resumed shard reproduces its rows and the sample does not
-depend on which other prompts share its batch.
+Generation is `models.generation.generate_seeded_with_logprobs` (the seeded sampler of on-policy rollouts): every
+sample has its own random stream seeded from (seed, sample_id), so a resumed shard reproduces its rows and the
+sample does not depend on which other prompts share its batch. Each step's raw logits are reduced on the spot
+to the chosen token's log-prob and the top-K, so generation is the only forward pass.
 
-The stored log-probs come from a separate scoring pass over [left-pad | prompt | completion | right-pad]: all
-completions start at the same column, so `logits_to_keep` computes logits only at the C completion positions
-(never (B, T, V) for the prompt). They are the teacher's raw distribution (temperature 1, no filtering).
+`--score-only` (given completions) uses a teacher-forced scoring pass over [left-pad | prompt | completion |
+right-pad]: all completions start at the same column, so `logits_to_keep` computes logits only at the C
+completion positions (never (B, T, V) for the prompt). Both paths store the teacher's raw distribution
+(log_softmax of the logits in float32: temperature 1, no filtering), equal within float noise (tested).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 
 from gold_pipeline.errors import GoldInputError
-from gold_pipeline.models.generation import SamplingSettings, generate_seeded
+from gold_pipeline.models.generation import SamplingSettings, generate_seeded, generate_seeded_with_logprobs
 from gold_pipeline.teacher_cache.base import TeacherRequest, TeacherResult, topk_from_logprobs
 
 SCORE_ELEMENT_BUDGET = 1 << 27   # logits elements (B_chunk * C * V) per scoring forward: 512 MiB of float32
@@ -46,7 +48,11 @@ class HFBackend:
         batch_size: int = 8,
         max_context: int | None = None,
         device: str = "auto",
+        single_pass: bool = True,
     ):
+        """single_pass False: generate, then score the completions in a second forward pass (the former path,
+        kept for benchmarks and equivalence tests; the stored values are the same)."""
+        self.single_pass = single_pass
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.top_k = top_k
@@ -76,6 +82,11 @@ class HFBackend:
         return results  # type: ignore[return-value]
 
     def _run_batch(self, batch: list[TeacherRequest]) -> list[TeacherResult]:
+        if batch[0].completion_ids is None and self.top_k > 0 and self.single_pass:
+            completions, finish, recorded = self.generate_with_logprobs(batch)
+            return [TeacherResult(completion_ids=c, finish_reason=f, token_logprobs=lp.token_logprobs.numpy(),
+                                  topk_ids=lp.topk_ids.numpy(), topk_logprobs=lp.topk_logprobs.numpy())
+                    for c, f, lp in zip(completions, finish, recorded)]  # fmt: skip
         if batch[0].completion_ids is not None:
             completions = [list(r.completion_ids) for r in batch]
             finish = ["stop"] * len(batch)
@@ -89,12 +100,21 @@ class HFBackend:
         return results
 
     # ---------------------------------------------------------------------------------------------------------
+    def sampling(self, batch_size: int) -> SamplingSettings:
+        return SamplingSettings(self.max_new_tokens, self.temperature, self.top_p, self.sampling_top_k,
+                                batch_size=batch_size)  # fmt: skip
+
     def generate(self, batch: list[TeacherRequest]) -> tuple[list[list[int]], list[str]]:
         """Sample one completion per request; ids end with a stop id ("stop") or hit max_new_tokens ("length")."""
-        sampling = SamplingSettings(self.max_new_tokens, self.temperature, self.top_p, self.sampling_top_k,
-                                    batch_size=len(batch))  # fmt: skip
-        return generate_seeded(self.model, [r.prompt_ids for r in batch], [r.seed for r in batch], sampling,
-                               stop_ids=self.stop_ids, pad_id=self.pad_id)  # fmt: skip
+        return generate_seeded(self.model, [r.prompt_ids for r in batch], [r.seed for r in batch],
+                               self.sampling(len(batch)), stop_ids=self.stop_ids, pad_id=self.pad_id)  # fmt: skip
+
+    def generate_with_logprobs(self, batch: list[TeacherRequest]):
+        """`generate` plus each completion's raw teacher log-probs recorded during generation:
+        (ids, finish reasons, [CompletionLogprobs: (m,) token, (m, K) top-k ids and log-probs])."""
+        return generate_seeded_with_logprobs(self.model, [r.prompt_ids for r in batch], [r.seed for r in batch],
+                                             self.sampling(len(batch)), stop_ids=self.stop_ids, pad_id=self.pad_id,
+                                             top_k=self.top_k)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------------------
     @torch.no_grad()
