@@ -1,142 +1,177 @@
-"""Distillation quality at equal budget: seq_kd vs ULD vs GOLD hybrid off-policy vs GOLD hybrid on-policy.
+"""Does it distill? A real Qwen2.5 teacher, pretrained students of other families, verifiable tasks, every method
+from the same student checkpoint at equal optimizer steps.
 
-One teacher cache (teacher completions + top-K log-probs of the train and held-out prompts) is made once and
-shared by every run; each (method, seed) run starts from the same student initialisation for that seed, sees
-the same rows in the same order for the same number of optimizer steps with the same optimizer settings. Only
-the loss (and, for on-policy, who writes the completions) differs:
+Protocol (all on this machine, nothing tuned on held-out prompts):
+  1. prompts: `--task` train rows make_rows(task, --train-count, seed=0) and held-out rows make_rows(task,
+     --heldout-count, seed=1) excluding the train questions (or any `--train-prompts` / `--heldout-prompts` file
+     of {"messages", "answer", "task"} rows);
+  2. teacher cache (pkg:qwen2.5-coder-0.5b-instruct, hf backend, top-K log-probs): the train prompts sampled at
+     --teacher-temperature, the held-out prompts greedy (the teacher's held-out accuracy, and the held-out text
+     that bits per byte is measured on);
+  3. variants of the train data: "all" teacher completions, and "verified" (only the completions the task scorer
+     accepts, scored again by the teacher with --score-only: the GOLD blog's verified_* sets); the no-teacher
+     control trains on "Answer: <reference>" completions;
+  4. per student, `gold align` of every cache; every (method, variant, seed) run starts from the same pretrained
+     student weights and sees the same rows in the same order (data_seed = seed), for --steps optimizer steps of
+     --batch-size rows, AdamW at --learning-rate (cosine, 1 warm-up step), full fine-tuning:
 
-  seq_kd    cross-entropy on the cached teacher completions (sequence-level KD on the same data: no live
-            teacher generations, so every method sees the same teacher text)
-  uld       ULD (sorted L1 of the merged distributions) from the cached top-K, off-policy
-  gold_off  GOLD hybrid (JSD on byte-identical vocabulary + ULD on the rest) from the cached top-K, off-policy
-  gold_on   GOLD hybrid with on-policy share --lmbda: those slices are student samples scored by the live teacher
+       sft       no teacher: cross-entropy on the reference answers ("Answer: 85")
+       seq_kd    cross-entropy on the cached teacher completions
+       uld       ULD (sorted L1 of the merged distributions) from the cached top-K
+       gold_off  GOLD hybrid (JSD on byte-identical tokens + ULD on the rest) from the cached top-K
+       gold_on   GOLD hybrid, lmbda 0.5: half the batches are student samples scored by the live teacher
+       gold_on1  GOLD hybrid, lmbda 1: every batch on-policy
 
-Metrics (held-out prompts never trained on):
-  bpb        student bits per byte on the teacher's held-out completions (tokenizer independent)
-  gap_closed (bpb_before - bpb_after) / (bpb_before - teacher_bpb)
-  exact      exact match on generated multi-digit arithmetic (greedy student answer, last number vs the answer)
+  5. metrics on the held-out prompts: greedy exact-match accuracy with a 95 % Wilson interval (per run, and pooled
+     over seeds), before training and at --curve-points points during it; the teacher's accuracy; share of the
+     teacher-student accuracy gap closed; student bits per byte on the teacher's held-out completions; the
+     teacher's negative log-likelihood per byte of the student's own greedy answers (what on-policy distillation
+     optimizes); train wall time. Mean ± std over seeds. A PNG of held-out accuracy against steps per method.
 
-    python bench/quality.py --reuse runs/demo                 # the README table: the demo's data (~20 min)
-    python bench/quality.py                                   # own teacher cache of the prompt files (+arithmetic)
-    python bench/quality.py --steps 300 --seeds 0,1,2,3,4      # a bigger one
-    python bench/quality.py --methods gold_off,uld --steps 20 --seeds 0   # a smoke run
+    python bench/quality.py                                   # the default configuration (docs/benchmarks.md)
+    python bench/quality.py --students pkg:smollm2-135m-instruct,pkg:gemma3-270m --seeds 0,1,2,3,4 --steps 200 \\
+        --train-count 2048 --heldout-count 256                # the larger one (a GPU: add --device cuda)
+    python bench/quality.py --methods seq_kd,gold_off --seeds 0 --steps 2 --train-count 8 --heldout-count 8 \\
+        --curve-points 1                                      # a smoke run
 
-The last output line is one JSON object with every figure (per-seed values, mean and std per method).
+The last output line is one JSON object with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
-import os
-import re
 import statistics
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-DATA = REPO / "gold_pipeline" / "recipes" / "demo_data"
-METHODS = ("seq_kd", "uld", "gold_off", "gold_on")
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+METHODS = ("sft", "seq_kd", "uld", "gold_off", "gold_on", "gold_on1")
+TEACHER_METHODS = ("seq_kd", "uld", "gold_off", "gold_on", "gold_on1")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="pkg:smollm2-135m-instruct")
-    p.add_argument("--student-tokenizer", default="pkg:mistral-sp-v1")
-    p.add_argument("--student-model", default=None, help="start every run from this checkpoint (default: a fresh "
-                                                         "Llama-shaped model built from the size options)")
-    p.add_argument("--student-hidden-size", type=int, default=256)
-    p.add_argument("--student-layers", type=int, default=4)
-    p.add_argument("--student-heads", type=int, default=4)
-    p.add_argument("--student-intermediate-size", type=int, default=768)
-    p.add_argument("--train-prompts", default=f"{DATA / 'train.jsonl'},{DATA / 'arith_train.jsonl'}",
-                   help="comma-separated prompt files the teacher answers for training")
-    p.add_argument("--heldout-prompts", default=f"{DATA / 'heldout.jsonl'},{DATA / 'arith_heldout.jsonl'}",
-                   help="comma-separated prompt files whose teacher completions measure bits per byte")
-    p.add_argument("--em-prompts", default=str(DATA / "arith_heldout.jsonl"),
-                   help="prompt file with an `answer` field per row for exact match (empty = skip)")
+    p.add_argument("--teacher", default="pkg:qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--students", default="pkg:smollm2-135m-instruct",
+                   help="comma-separated pretrained students (pkg:gemma3-270m is the SentencePiece one)")
+    p.add_argument("--task", default="arith2", help="arith2 | arith | gsm | countdown (ignored with prompt files)")
+    p.add_argument("--train-count", type=int, default=96)
+    p.add_argument("--heldout-count", type=int, default=48)
+    p.add_argument("--train-prompts", default=None, help="a task-row file instead of the generated train prompts")
+    p.add_argument("--heldout-prompts", default=None, help="a task-row file instead of the generated held-out ones")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--verified-methods", default="seq_kd,gold_on",
+                   help="teacher methods also trained on the verified variant ('' = none, 'all' = every one)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--lmbda", type=float, default=0.5, help="on-policy share of gold_on (GOLDConfig's default)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="teacher completion length")
-    p.add_argument("--max-completion-length", type=int, default=96, help="student-side limit, every method")
-    p.add_argument("--em-max-new-tokens", type=int, default=48)
+    p.add_argument("--learning-rate", type=float, default=5e-5)
+    p.add_argument("--curve-points", type=int, default=2, help="held-out evaluations during training (the last "
+                                                               "is the final one)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="teacher completion length")
+    p.add_argument("--max-completion-length", type=int, default=48, help="student-side limit, every method")
+    p.add_argument("--eval-max-new-tokens", type=int, default=48)
     p.add_argument("--top-k", type=int, default=16)
     p.add_argument("--teacher-temperature", type=float, default=0.7)
-    p.add_argument("--teacher-batch-size", type=int, default=16)
-    p.add_argument("--cache-seed", type=int, default=0, help="seed of the teacher samples (one cache for all runs)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: 2, or 1 when the load average exceeds the core count)")
+    p.add_argument("--teacher-batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=REPO / ".bench" / "quality")
-    p.add_argument("--fresh-cache", action="store_true", help="redo the teacher cache even if it matches")
-    p.add_argument("--reuse", type=Path, default=None,
-                   help="a `gold demo` output folder: train/evaluate on its aligned_train/aligned_heldout instead of "
-                        "caching --train-prompts/--heldout-prompts (teacher exact match is then not measured)")
+    p.add_argument("--fresh-cache", action="store_true", help="redo the teacher caches even if they match")
     args = p.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        p.error(f"--methods {unknown} unknown; choose from {', '.join(METHODS)}")
+    args.methods = _names(args.methods, METHODS, "--methods", p)
+    args.verified_methods = (list(TEACHER_METHODS) if args.verified_methods.strip() == "all" else
+                             _names(args.verified_methods, TEACHER_METHODS, "--verified-methods", p))
+    args.students = [s.strip() for s in args.students.split(",") if s.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.curve_points < 1 or args.steps < args.curve_points:
+        p.error("--curve-points must be between 1 and --steps")
     return args
 
 
+def _names(text: str, allowed: tuple[str, ...], flag: str, parser) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in allowed]
+    if unknown:
+        parser.error(f"{flag} {unknown} unknown; choose from {', '.join(allowed)}")
+    return names
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Data: one teacher cache + alignment per prompt set, reused when the settings match.
+# Data: prompt rows, teacher caches (reused when their key matches), variants.
 # ----------------------------------------------------------------------------------------------------------
 
 
-def concat_prompts(files: str, target: Path) -> Path:
-    """Several prompt jsonl files -> one (the teacher cache reads one dataset)."""
-    lines = []
-    for name in files.split(","):
-        path = Path(name.strip())
-        if not path.is_file():
-            raise SystemExit(f"prompt file {path} does not exist; pass existing jsonl files (see bench/make_arith.py).")
-        lines += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return target
+def prompt_rows(args) -> tuple[list[dict], list[dict]]:
+    from gold_pipeline.recipes.tasks import make_rows, read_task_rows, row_question
+
+    train = read_task_rows(args.train_prompts) if args.train_prompts else make_rows(args.task, args.train_count, 0)
+    if args.heldout_prompts:
+        heldout = read_task_rows(args.heldout_prompts)
+    else:
+        heldout = make_rows(args.task, args.heldout_count, 1, exclude={row_question(r) for r in train})
+    overlap = {row_question(r) for r in train} & {row_question(r) for r in heldout}
+    if overlap:
+        raise SystemExit(f"{len(overlap)} held-out questions are also train questions (e.g. {sorted(overlap)[0]!r}): "
+                         "the held-out file must be disjoint from the train file.")
+    return train, heldout
 
 
-def prepared_set(args, name: str, files: str, teacher_model) -> tuple[Path, dict]:
-    """(aligned dir, cache summary) of one prompt set; the cache is reused when its settings match."""
-    from gold_pipeline.recipes.demo import align_cache, cache_teacher
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
 
-    base = args.work / name
-    prompts = concat_prompts(files, base / "prompts.jsonl")
-    key = {"teacher": args.teacher, "student_tokenizer": args.student_tokenizer, "prompts": prompts.read_text(),
-           "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "temperature": args.teacher_temperature,
-           "seed": args.cache_seed}
-    key_file = base / "cache_key.json"
-    cache_dir, aligned_dir = base / "teacher", base / "aligned"
-    if (not args.fresh_cache and key_file.exists() and json.loads(key_file.read_text()) == key
-            and (aligned_dir / "manifest.json").exists()):
-        return aligned_dir, json.loads((base / "cache_summary.json").read_text())
+
+def cached(args, name: str, rows: list[dict], teacher, *, temperature: float, score_only: bool = False) -> Path:
+    """A teacher-cache folder of `rows` (generated, or scored with --score-only), reused when the key matches."""
+    from gold_pipeline.recipes.demo import cache_teacher
+    from gold_pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
+
+    base = args.work / "caches" / name
+    prompts = write_jsonl(base / "prompts.jsonl", rows)
+    key = {"teacher": args.teacher, "prompts": prompts.read_text(encoding="utf-8"), "top_k": args.top_k,
+           "max_new_tokens": args.max_new_tokens, "temperature": temperature, "score_only": score_only}
+    key_file, out = base / "cache_key.json", base / "teacher"
+    if not args.fresh_cache and key_file.exists() and json.loads(key_file.read_text()) == key \
+            and (out / "manifest.json").exists():
+        return out
     key_file.unlink(missing_ok=True)
-    summary = cache_teacher(teacher=args.teacher, model=teacher_model(), dataset=str(prompts), out=cache_dir,
-                            max_examples=None, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                            temperature=args.teacher_temperature, top_p=0.95, batch_size=args.teacher_batch_size,
-                            seed=args.cache_seed, overwrite=True)
-    align_cache(student_tokenizer=args.student_tokenizer, teacher_cache=cache_dir, out=aligned_dir, overwrite=True)
-    summary = {k: summary[k] for k in ("rows", "teacher_tokens", "seconds")}
-    (base / "cache_summary.json").write_text(json.dumps(summary))
+    started = time.perf_counter()
+    if score_only:
+        cfg = TeacherCacheConfig(dataset=str(prompts), out=out, teacher=args.teacher, top_k=args.top_k,
+                                 score_only=True, batch_size=args.teacher_batch_size, overwrite=True, progress=False,
+                                 device="cpu")
+        run_teacher_cache(cfg, model=teacher())
+    else:
+        cache_teacher(teacher=args.teacher, model=teacher(), dataset=str(prompts), out=out, max_examples=None,
+                      top_k=args.top_k, max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=0.95,
+                      batch_size=args.teacher_batch_size, seed=0, overwrite=True)
+    print(f"[quality] teacher cache {name}: {len(rows)} rows in {time.perf_counter() - started:.0f}s", flush=True)
     key_file.write_text(json.dumps(key))
-    return aligned_dir, summary
+    return out
 
 
-def read_em_rows(path: str) -> list[dict]:
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    for i, row in enumerate(rows):
-        if "answer" not in row or "messages" not in row:
-            raise SystemExit(f"{path} row {i}: exact-match rows need `messages` and `answer` (bench/make_arith.py).")
-    return rows
+def cache_completions(cache_dir: Path) -> dict[str, str]:
+    """sample_id -> the teacher's completion text of a teacher-cache folder."""
+    import polars as pl
+
+    frame = pl.read_parquet(str(cache_dir / "part-*.parquet"), columns=["sample_id", "completion_text"])
+    return dict(zip(frame["sample_id"].to_list(), frame["completion_text"].to_list()))
+
+
+def with_completion(row: dict, text: str) -> dict:
+    prompt = [m for m in row["messages"] if m["role"] != "assistant"]
+    return {**row, "messages": prompt + [{"role": "assistant", "content": text}]}
+
+
+def prompt_id(row: dict) -> str:
+    from gold_pipeline.data.shards import sample_id
+
+    return sample_id([m for m in row["messages"] if m["role"] != "assistant"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,60 +179,55 @@ def read_em_rows(path: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def final_number(text: str) -> str | None:
-    """The last number in a completion, commas removed ("Answer: 1,234." -> "1234")."""
-    found = NUMBER.findall(text)
-    return found[-1].replace(",", "").rstrip(".") if found else None
-
-
-def is_correct(text: str, answer: str) -> bool:
-    number = final_number(text)
-    if number is None:
-        return False
-    try:
-        return float(number) == float(answer)
-    except ValueError:
-        return False
-
-
-def exact_match(model, tokenizer, rows: list[dict], *, max_new_tokens: int, batch_size: int = 8) -> float:
-    """Share of rows whose greedy completion ends with the right number."""
+def greedy_answers(model, tokenizer, rows: list[dict], *, max_new_tokens: int, batch_size: int) -> list[str]:
+    """The model's greedy completion text of every row's prompt."""
     from gold_pipeline.models.generation import SamplingSettings, generate_seeded
     from gold_pipeline.text.encode import render_prompt_ids
-    from gold_pipeline.text.pair import pad_token_id, stop_token_ids
+    from gold_pipeline.text.pair import TokenizerSide
 
-    stop = stop_token_ids(tokenizer)
+    side = TokenizerSide.of(tokenizer)
     prompts = [render_prompt_ids(tokenizer, [m for m in r["messages"] if m["role"] != "assistant"]) for r in rows]
     greedy = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
-    completions, _ = generate_seeded(model, prompts, [0] * len(prompts), greedy, stop_ids=stop,
-                                     pad_id=pad_token_id(tokenizer))
-    correct = 0
-    for row, ids in zip(rows, completions):
-        text = tokenizer.decode([t for t in ids if t not in stop], skip_special_tokens=True)
-        correct += is_correct(text, row["answer"])
-    return correct / max(len(rows), 1)
+    completions, _ = generate_seeded(model, prompts, [0] * len(prompts), greedy, stop_ids=list(side.stop_ids),
+                                     pad_id=side.pad_id)  # fmt: skip
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
 
 
-def teacher_exact_match(aligned_dir: Path, pair, em_rows: list[dict]) -> float | None:
-    """Exact match of the teacher's own cached (sampled) completions on the exact-match prompts."""
-    from gold_pipeline.data.shards import sample_id
-    from gold_pipeline.recipes.demo import aligned_rows
+def accuracy(rows: list[dict], texts: list[str]) -> dict:
+    from gold_pipeline.recipes.tasks import score_row, wilson_interval
 
-    answers = {sample_id([m for m in r["messages"] if m["role"] != "assistant"]): r["answer"] for r in em_rows}
-    hits = [is_correct(row["completion_text"], answers[row["sample_id"]])
-            for row in aligned_rows(aligned_dir, pair, max_completion_length=10**6) if row["sample_id"] in answers]
-    return sum(hits) / len(hits) if hits else None
+    correct = sum(score_row(r, t) for r, t in zip(rows, texts))
+    low, high = wilson_interval(correct, len(rows))
+    return {"correct": correct, "total": len(rows), "accuracy": correct / max(len(rows), 1),
+            "interval95": [round(low, 4), round(high, 4)]}
 
 
-def method_overrides(method: str, lmbda: float) -> dict:
-    """GOLDConfig fields that make each method (everything else is shared)."""
-    if method == "seq_kd":  # CE on the teacher's completion text; the distillation term is off
-        return dict(lmbda=0.0, uld_use_hybrid_loss=False, uld_distillation_weight=0.0, uld_crossentropy_weight=1.0)
-    if method == "uld":
-        return dict(lmbda=0.0, uld_use_hybrid_loss=False)
-    if method == "gold_off":
-        return dict(lmbda=0.0, uld_use_hybrid_loss=True)
-    return dict(lmbda=lmbda, uld_use_hybrid_loss=True)
+def teacher_nll_per_byte(teacher, teacher_tokenizer, rows: list[dict], texts: list[str], *, batch_size: int = 8):
+    """The teacher's negative log-likelihood (nats) per UTF-8 byte of the given completions of the rows' prompts:
+    sum over rows of -log p_teacher(completion tokens | prompt) / sum of completion bytes. Empty texts count 0/0."""
+    import torch
+
+    from gold_pipeline.text.encode import encode_completion, render_prompt_ids
+
+    items = [(render_prompt_ids(teacher_tokenizer, [m for m in r["messages"] if m["role"] != "assistant"]),
+              encode_completion(teacher_tokenizer, t), len(t.encode("utf-8"))) for r, t in zip(rows, texts) if t]
+    nats = 0.0
+    nbytes = sum(n for _, _, n in items)
+    pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else 0
+    with torch.inference_mode():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            width = max(len(p) + len(c) for p, c, _ in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)                      # (B, T) right-padded
+            mask = torch.zeros_like(ids)
+            for i, (p, c, _) in enumerate(chunk):
+                ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+                mask[i, : len(p) + len(c)] = 1
+            logprobs = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            for i, (p, c, _) in enumerate(chunk):
+                positions = torch.arange(len(p) - 1, len(p) + len(c) - 1)                    # predict c
+                nats -= float(logprobs[i, positions, torch.tensor(c)].sum())
+    return nats / max(nbytes, 1)
 
 
 def mean_std(values: list[float]) -> dict:
@@ -205,6 +235,161 @@ def mean_std(values: list[float]) -> dict:
     if not values:
         return {"mean": None, "std": None}
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def method_overrides(method: str) -> dict:
+    """GOLDConfig fields that make each method (everything else is shared)."""
+    if method in ("sft", "seq_kd"):  # cross-entropy only: the distillation term is off
+        return dict(lmbda=0.0, uld_use_hybrid_loss=False, uld_distillation_weight=0.0, uld_crossentropy_weight=1.0)
+    if method == "uld":
+        return dict(lmbda=0.0, uld_use_hybrid_loss=False)
+    return dict(lmbda={"gold_off": 0.0, "gold_on": 0.5, "gold_on1": 1.0}[method], uld_use_hybrid_loss=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One student: align, measure before, train every method.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_student(args, student_name: str, caches: dict[str, Path], heldout: list[dict], teacher, teacher_tok,
+                teacher_acc: float) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    from gold_pipeline.models.loading import load_model, model_tokenizer_name
+    from gold_pipeline.recipes.demo import (
+        align_cache,
+        aligned_rows,
+        student_bits_per_byte,
+        teacher_bits_per_byte,
+        train_args,
+        train_student,
+    )
+    from gold_pipeline.text.pair import TokenizerPair
+    from gold_pipeline.text.tokenizers import load_tokenizer
+
+    tag = student_name.replace("pkg:", "").replace("/", "_")
+    student_tok = load_tokenizer(model_tokenizer_name(student_name))
+    pair = TokenizerPair.build(student_tok, teacher_tok)
+    aligned = {}
+    for name, cache_dir in caches.items():
+        aligned[name] = args.work / tag / f"aligned_{name}"
+        align_cache(student_tokenizer=model_tokenizer_name(student_name), teacher_cache=cache_dir, out=aligned[name],
+                    overwrite=True)
+    held_rows = aligned_rows(aligned["heldout"], pair, max_completion_length=args.max_completion_length)
+    teacher_bpb = teacher_bits_per_byte(held_rows, pair)["bits_per_byte"]
+    base = load_model(student_name)
+
+    def evaluate(model) -> dict:
+        texts = greedy_answers(model, student_tok, heldout, max_new_tokens=args.eval_max_new_tokens,
+                               batch_size=args.eval_batch_size)
+        return {**accuracy(heldout, texts), "texts": texts}
+
+    started = time.perf_counter()
+    before_eval = evaluate(base)
+    before = {"accuracy": before_eval["accuracy"], "interval95": before_eval["interval95"],
+              "bpb": student_bits_per_byte(base, held_rows, pair)["bits_per_byte"],
+              "teacher_nll_per_byte": teacher_nll_per_byte(teacher(), teacher_tok, heldout, before_eval["texts"]),
+              "example": before_eval["texts"][0][:200]}
+    print(f"[quality] {student_name} before training: accuracy {before['accuracy']:.3f} {before['interval95']}, bpb "
+          f"{before['bpb']:.4f}, teacher nll/byte of its answers {before['teacher_nll_per_byte']:.4f} "
+          f"({time.perf_counter() - started:.0f}s)", flush=True)
+    curve_steps = sorted({round(args.steps * (i + 1) / args.curve_points) for i in range(args.curve_points)})
+
+    class Curve(TrainerCallback):
+        def __init__(self):
+            self.points: list[tuple[int, float]] = []
+
+        def on_step_end(self, targs, state, control, model=None, **kwargs):
+            if state.global_step in curve_steps[:-1]:  # the last point is the final evaluation
+                self.points.append((state.global_step, evaluate(model)["accuracy"]))
+
+    runs = []
+    plan = [(m, "reference" if m == "sft" else "all") for m in args.methods]
+    plan += [(m, "verified") for m in args.verified_methods if m in args.methods]
+    for seed in args.seeds:
+        for method, variant in plan:
+            student = copy.deepcopy(base)
+            curve = Curve()
+            run_started = time.perf_counter()
+            targs = train_args(args.work / tag / "runs" / f"{method}-{variant}-seed{seed}", steps=args.steps,
+                               batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
+                               max_completion_length=args.max_completion_length, warmup_steps=1,
+                               **method_overrides(method))
+            trained = train_student(student, args=targs, train_dir=aligned[variant], pair=pair,
+                                    teacher_model=teacher() if targs.lmbda > 0 else None, callbacks=[curve])
+            final = evaluate(student)
+            run = {"method": method, "variant": variant, "seed": seed, "accuracy": final["accuracy"],
+                   "correct": final["correct"], "total": final["total"], "interval95": final["interval95"],
+                   "gap_closed": accuracy_gap_closed(before["accuracy"], final["accuracy"], teacher_acc),
+                   "bpb": student_bits_per_byte(student, held_rows, pair)["bits_per_byte"],
+                   "teacher_nll_per_byte": teacher_nll_per_byte(teacher(), teacher_tok, heldout, final["texts"]),
+                   "curve": [[0, before["accuracy"]]] + [list(p) for p in curve.points] + [[args.steps,
+                                                                                           final["accuracy"]]],
+                   "train_seconds": trained["seconds"], "mean_loss": trained["mean_loss"],
+                   "seconds": round(time.perf_counter() - run_started, 1), "example": final["texts"][0][:200]}
+            runs.append(run)
+            print(f"[quality] {tag} {method:8s} {variant:9s} seed {seed}: accuracy {run['accuracy']:.3f} "
+                  f"{run['interval95']}, bpb {run['bpb']:.4f}, teacher nll/byte {run['teacher_nll_per_byte']:.4f}, "
+                  f"loss {run['mean_loss']:.4f}, train {run['train_seconds']:.0f}s / {run['seconds']:.0f}s",
+                  flush=True)
+            del student
+            torch.set_num_threads(args.threads)
+    return {"student": student_name, "teacher_bpb": teacher_bpb, "before": before, "runs": runs,
+            "summary": summarize(runs)}
+
+
+def accuracy_gap_closed(before: float, after: float, teacher: float) -> float | None:
+    """(after - before) / (teacher - before); None when the teacher is no better than the student was."""
+    return (after - before) / (teacher - before) if teacher > before else None
+
+
+def summarize(runs: list[dict]) -> dict:
+    from gold_pipeline.recipes.tasks import wilson_interval
+
+    out = {}
+    for key in dict.fromkeys((r["method"], r["variant"]) for r in runs):
+        mine = [r for r in runs if (r["method"], r["variant"]) == key]
+        correct, total = sum(r["correct"] for r in mine), sum(r["total"] for r in mine)
+        entry = {k: mean_std([r[k] for r in mine]) for k in
+                 ("accuracy", "gap_closed", "bpb", "teacher_nll_per_byte", "train_seconds")}
+        entry["pooled_interval95"] = [round(x, 4) for x in wilson_interval(correct, total)]
+        steps = [p[0] for p in mine[0]["curve"]]
+        entry["curve"] = {"steps": steps, "accuracy": [statistics.fmean(r["curve"][i][1] for r in mine)
+                                                        for i in range(len(steps))]}
+        out[f"{key[0]}/{key[1]}"] = entry
+    return out
+
+
+def draw_curves(results: list[dict], path: Path) -> None:
+    from gold_pipeline.recipes.report import draw_panels, line_panel
+
+    panels = []
+    for result in results:
+        series = {name: (entry["curve"]["steps"], entry["curve"]["accuracy"])
+                  for name, entry in result["summary"].items()}
+        panels.append(line_panel(f"held-out accuracy: {result['student']}", "exact match (mean over seeds)", series))
+    draw_panels([p for p in panels if p is not None], path, title="gold bench/quality.py")
+
+
+def _fmt(stat: dict, digits: int = 3, scale: float = 1.0) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def print_table(result: dict, teacher_acc: dict) -> None:
+    before = result["before"]
+    print(f"\n{result['student']}: teacher accuracy {100 * teacher_acc['accuracy']:.1f}% {teacher_acc['interval95']}, "
+          f"student before {100 * before['accuracy']:.1f}% {before['interval95']}; teacher bpb "
+          f"{result['teacher_bpb']:.3f}, student bpb before {before['bpb']:.3f}")
+    print(f"{'method/variant':20s} {'accuracy %':>14s} {'pooled 95%':>15s} {'gap closed %':>14s} {'bpb':>14s} "
+          f"{'teacher nll/B':>14s} {'train s':>9s}")
+    for name, s in result["summary"].items():
+        low, high = s["pooled_interval95"]
+        print(f"{name:20s} {_fmt(s['accuracy'], 1, 100):>14s} {f'[{100 * low:.0f}, {100 * high:.0f}]':>15s} "
+              f"{_fmt(s['gap_closed'], 1, 100):>14s} {_fmt(s['bpb']):>14s} {_fmt(s['teacher_nll_per_byte']):>14s} "
+              f"{_fmt(s['train_seconds'], 0):>9s}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,118 +400,59 @@ def mean_std(values: list[float]) -> dict:
 def main(argv=None) -> dict:
     import torch
 
-    from gold_pipeline.data.shards import read_manifest
     from gold_pipeline.models.loading import load_model, model_tokenizer_name
-    from gold_pipeline.recipes.demo import (
-        aligned_rows,
-        build_student,
-        gap_closed,
-        student_bits_per_byte,
-        teacher_bits_per_byte,
-        train_args,
-        train_student,
-    )
-    from gold_pipeline.text.pair import TokenizerPair
+    from gold_pipeline.recipes.tasks import score_row
     from gold_pipeline.text.tokenizers import load_tokenizer
 
     args = parse_args(argv)
-    torch.set_num_threads(args.threads or (1 if os.getloadavg()[0] > (os.cpu_count() or 1) else 2))
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    teacher_holder: dict = {}
+    holder: dict = {}
 
-    def teacher_model():
-        if "model" not in teacher_holder:
-            teacher_holder["model"] = load_model(args.teacher)
-        return teacher_holder["model"]
+    def teacher():
+        if "model" not in holder:
+            holder["model"] = load_model(args.teacher).eval()
+        return holder["model"]
 
-    student_tok = load_tokenizer(args.student_tokenizer)
-    pair = TokenizerPair.build(student_tok, load_tokenizer(model_tokenizer_name(args.teacher)))
-    if args.reuse is not None:
-        train_dir, heldout_dir = args.reuse / "aligned_train", args.reuse / "aligned_heldout"
-        train_cache, heldout_cache = ({"rows": read_manifest(d, kind="aligned")["stats"]["rows"]}
-                                      for d in (train_dir, heldout_dir))
-    else:
-        train_dir, train_cache = prepared_set(args, "train", args.train_prompts, teacher_model)
-        heldout_dir, heldout_cache = prepared_set(args, "heldout", args.heldout_prompts, teacher_model)
-    cache_seconds = time.perf_counter() - started
-    heldout = aligned_rows(heldout_dir, pair, max_completion_length=args.max_completion_length)
-    teacher_bpb = teacher_bits_per_byte(heldout, pair)["bits_per_byte"]
-    em_rows = read_em_rows(args.em_prompts) if args.em_prompts else []
-    teacher_em = teacher_exact_match(heldout_dir, pair, em_rows) if em_rows and args.reuse is None else None
-    print(f"[quality] data ready in {cache_seconds:.0f}s: {train_cache['rows']} train / {heldout_cache['rows']} "
-          f"held-out teacher completions; teacher bpb {teacher_bpb:.4f}, teacher exact match {teacher_em}",
-          flush=True)
+    teacher_tok = load_tokenizer(model_tokenizer_name(args.teacher))
+    train, heldout = prompt_rows(args)
+    caches = {"all": cached(args, "train", train, teacher, temperature=args.teacher_temperature),
+              "heldout": cached(args, "heldout", heldout, teacher, temperature=0.0)}
+    held_texts = cache_completions(caches["heldout"])
+    teacher_acc = accuracy(heldout, [held_texts[prompt_id(r)] for r in heldout])
+    train_texts = cache_completions(caches["all"])
+    verified = [with_completion(r, train_texts[prompt_id(r)]) for r in train
+                if score_row(r, train_texts[prompt_id(r)])]
+    teacher_train_acc = len(verified) / len(train)
+    if "sft" in args.methods:
+        reference = [with_completion(r, f"Answer: {r['answer']}") for r in train]
+        caches["reference"] = cached(args, "reference", reference, teacher, temperature=0.0, score_only=True)
+    if args.verified_methods:
+        if len(verified) < args.batch_size:
+            raise SystemExit(f"only {len(verified)} of {len(train)} teacher train answers are correct: fewer than one "
+                             "batch; give more --train-count or drop --verified-methods.")
+        caches["verified"] = cached(args, "verified", verified, teacher, temperature=0.0, score_only=True)
+    data_seconds = time.perf_counter() - started
+    print(f"[quality] data ready in {data_seconds:.0f}s: {len(train)} train prompts ({len(verified)} with a correct "
+          f"teacher answer: {100 * teacher_train_acc:.1f}%), {len(heldout)} held-out; teacher held-out accuracy "
+          f"{100 * teacher_acc['accuracy']:.1f}% {teacher_acc['interval95']}", flush=True)
 
-    def fresh_student(seed: int):
-        if args.student_model:
-            return load_model(args.student_model)
-        return build_student(student_tok, hidden_size=args.student_hidden_size, layers=args.student_layers,
-                             heads=args.student_heads, intermediate_size=args.student_intermediate_size, seed=seed)
-
-    runs: list[dict] = []
-    before_by_seed: dict[int, dict] = {}
-    for seed in args.seeds:
-        student = fresh_student(seed)
-        before_by_seed[seed] = {
-            "bpb": student_bits_per_byte(student, heldout, pair)["bits_per_byte"],
-            "exact": exact_match(student, student_tok, em_rows, max_new_tokens=args.em_max_new_tokens)
-            if em_rows else None,
-        }
-        for method in args.methods:
-            student = fresh_student(seed)
-            run_started = time.perf_counter()
-            targs = train_args(args.work / "runs" / f"{method}-seed{seed}", steps=args.steps,
-                               batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
-                               max_completion_length=args.max_completion_length,
-                               warmup_steps=max(1, args.steps // 20), **method_overrides(method, args.lmbda))
-            trained = train_student(student, args=targs, train_dir=train_dir, pair=pair,
-                                    teacher_model=teacher_model() if targs.lmbda > 0 else None)
-            bpb = student_bits_per_byte(student, heldout, pair)["bits_per_byte"]
-            em = exact_match(student, student_tok, em_rows, max_new_tokens=args.em_max_new_tokens) if em_rows else None
-            run = {"method": method, "seed": seed, "bpb_before": before_by_seed[seed]["bpb"], "bpb": bpb,
-                   "gap_closed": gap_closed(before_by_seed[seed]["bpb"], bpb, teacher_bpb), "exact": em,
-                   "train_seconds": trained["seconds"], "seconds": round(time.perf_counter() - run_started, 1)}
-            runs.append(run)
-            print(f"[quality] {method:8s} seed {seed}: bpb {run['bpb_before']:.4f} -> {bpb:.4f} "
-                  f"(gap closed {run['gap_closed']:.3f}), exact {em}, {run['seconds']:.0f}s", flush=True)
-
-    summary = {}
-    for method in args.methods:
-        mine = [r for r in runs if r["method"] == method]
-        summary[method] = {k: mean_std([r[k] for r in mine]) for k in ("bpb", "gap_closed", "exact", "train_seconds")}
-    print_table(summary, teacher_bpb, teacher_em, before_by_seed)
-    result = {
-        "bench": "quality", "teacher": args.teacher,
-        "student": args.student_model or f"fresh Llama h{args.student_hidden_size} x{args.student_layers} "
-                                          f"({args.student_tokenizer})",
-        "threads": torch.get_num_threads(), "steps": args.steps, "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        "lmbda_on_policy": args.lmbda, "seeds": args.seeds, "data": str(args.reuse or "prompt files"),
-        "train_rows": train_cache["rows"],
-        "heldout_rows": heldout_cache["rows"], "em_rows": len(em_rows), "teacher_bpb": teacher_bpb,
-        "teacher_exact_sampled": teacher_em,
-        "student_before": {"bpb": mean_std([b["bpb"] for b in before_by_seed.values()]),
-                           "exact": mean_std([b["exact"] for b in before_by_seed.values()])},
-        "methods": summary, "runs": runs, "seconds": round(time.perf_counter() - started, 1),
-    }
-    print(json.dumps(result))
-    return result
-
-
-def _fmt(stat: dict, digits: int = 3, scale: float = 1.0) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
-
-
-def print_table(summary: dict, teacher_bpb: float, teacher_em, before_by_seed: dict) -> None:
-    before = mean_std([b["bpb"] for b in before_by_seed.values()])
-    print(f"\nteacher bpb {teacher_bpb:.3f}; untrained student bpb {_fmt(before)}; teacher exact match (its sampled "
-          f"cached answers) {teacher_em if teacher_em is None else f'{100 * teacher_em:.1f}%'}")
-    print(f"{'method':10s} {'held-out bpb':>16s} {'gap closed %':>16s} {'exact match %':>16s} {'train s':>10s}")
-    for method, stats in summary.items():
-        print(f"{method:10s} {_fmt(stats['bpb']):>16s} {_fmt(stats['gap_closed'], 1, 100):>16s} "
-              f"{_fmt(stats['exact'], 1, 100):>16s} {_fmt(stats['train_seconds'], 0):>10s}")
+    results = [run_student(args, name, caches, heldout, teacher, teacher_tok, teacher_acc["accuracy"])
+               for name in args.students]
+    for result in results:
+        print_table(result, teacher_acc)
+    png = args.work / "quality_curves.png"
+    draw_curves(results, png)
+    out = {"bench": "quality", "teacher": args.teacher, "task": args.task if not args.train_prompts else "files",
+           "train_prompts": len(train), "heldout_prompts": len(heldout), "verified_train_rows": len(verified),
+           "teacher_accuracy": teacher_acc, "teacher_train_sampled_accuracy": teacher_train_acc,
+           "threads": torch.get_num_threads(), "steps": args.steps, "batch_size": args.batch_size,
+           "learning_rate": args.learning_rate, "fine_tuning": "full", "seeds": args.seeds,
+           "top_k": args.top_k, "data_seconds": round(data_seconds, 1), "png": str(png),
+           "students": [{k: v for k, v in r.items()} for r in results],
+           "seconds": round(time.perf_counter() - started, 1)}
+    print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":

@@ -239,8 +239,10 @@ def train_args(output_dir: Path, *, steps: int, batch_size: int, learning_rate: 
     return GOLDConfig(**fields)
 
 
-def train_student(model, *, args, train_dir: Path, pair, teacher_model=None, echo_every: int = 0) -> dict[str, Any]:
-    """Run GOLDTrainer on an aligned-shard directory; returns steps, mean loss, seconds and the metrics file."""
+def train_student(model, *, args, train_dir: Path, pair, teacher_model=None, echo_every: int = 0,
+                  callbacks: tuple = ()) -> dict[str, Any]:
+    """Run GOLDTrainer on an aligned-shard directory (extra transformers `callbacks` join the trainer's);
+    returns steps, mean loss, seconds and the metrics file."""
     from transformers import PrinterCallback, TrainerCallback
 
     from gold_pipeline.training import GOLDTrainer
@@ -255,7 +257,7 @@ def train_student(model, *, args, train_dir: Path, pair, teacher_model=None, ech
         shutil.rmtree(out)
     trainer = GOLDTrainer(model=model, teacher_model=teacher_model, args=args, train_dataset=str(train_dir),
                           processing_class=pair.student_tokenizer, teacher_processing_class=pair.teacher_tokenizer,
-                          callbacks=[_Echo()])
+                          callbacks=[_Echo(), *callbacks])
     trainer.remove_callback(PrinterCallback)
     window = args.per_device_train_batch_size * args.gradient_accumulation_steps
     if args.dataloader_drop_last and len(trainer.train_dataset) < window:

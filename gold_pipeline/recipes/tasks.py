@@ -4,6 +4,7 @@ A prompt row is `{"messages": [system, user], "answer": str, "task": name}`; any
 line) plugs into the benchmark, so held-out sets made elsewhere are scored the same way.
 
     arith       multi-digit +, -, x (2-4 digit operands): tokenizers split numbers differently
+    arith2      two-digit + and - (where a 135M student is sometimes right before training)
     gsm         two- or three-step word problems with integer answers (GSM8K-style templates)
     countdown   reach a target from 3-4 given numbers with + - * / (the GOLD blog's task); any correct
                 expression counts, not only the stored one
@@ -75,6 +76,15 @@ def make_arith(rng: random.Random) -> tuple[str, str]:
         return f"What is {a} - {b}?", str(a - b)
     a, b = rng.randint(12, 99), rng.randint(12, 99)
     return f"What is {a} * {b}?", str(a * b)
+
+
+def make_arith2(rng: random.Random) -> tuple[str, str]:
+    """Two-digit addition or subtraction (the easier arithmetic: a 135M student gets some right before training)."""
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    if rng.random() < 0.5:
+        return f"What is {a} + {b}?", str(a + b)
+    a, b = max(a, b), min(a, b)
+    return f"What is {a} - {b}?", str(a - b)
 
 
 # -- GSM-style word problems ---------------------------------------------------------------------------------
@@ -204,6 +214,8 @@ def score_countdown(completion: str, answer: str, question: str) -> bool:
 TASKS: dict[str, Task] = {
     "arith": Task("arith", "You are a calculator. Answer with a short calculation and end with 'Answer: <number>'.",
                   make_arith, score_number),
+    "arith2": Task("arith2", "You are a calculator. Answer with a short calculation and end with 'Answer: <number>'.",
+                   make_arith2, score_number),
     "gsm": Task("gsm", "Solve the problem step by step, then end with 'Answer: <number>'.", make_gsm, score_number),
     "countdown": Task("countdown", "Find an expression that reaches the target. End with 'Answer: <expression>'.",
                       make_countdown, score_countdown),
@@ -245,3 +257,25 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def read_task_rows(path: str) -> list[dict]:
+    """Prompt rows of a held-out or train file (jsonl/json/parquet): each must have `messages` and `answer` (the
+    scorer needs it) and a known `task` (default arith). Bad rows raise GoldInputError naming the file and row."""
+    from gold_pipeline.data.sources import iter_records
+    from gold_pipeline.errors import GoldInputError, InvalidRow
+
+    rows = []
+    for index, record, location in iter_records(path):
+        if isinstance(record, InvalidRow):
+            raise GoldInputError(f"{location} (row {index}): {record.message}")
+        if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or "answer" not in record:
+            raise GoldInputError(f"{location} (row {index}): a task row needs \"messages\" (a list) and \"answer\" "
+                                 "(the reference the scorer compares with); add them.")
+        if record.get("task", "arith") not in TASKS:
+            raise GoldInputError(f"{location} (row {index}): unknown task {record['task']!r}; choose from "
+                                 f"{', '.join(TASKS)}.")
+        rows.append(record)
+    if not rows:
+        raise GoldInputError(f"{path} holds no rows.")
+    return rows
