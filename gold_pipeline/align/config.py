@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gold_pipeline.cluster import check_executor
 from gold_pipeline.data.sources import is_teacher_cache
 from gold_pipeline.errors import GoldInputError
 
 OVERLONG_POLICIES = ("truncate", "skip")
 VOCAB_MAP_FILE = "vocab_map/vocab_map.parquet"
+PROJECTION_FILE = "vocab_map/projection.parquet"  # student token -> teacher pieces (text.projection)
 
 
 @dataclass
@@ -29,6 +31,8 @@ class AlignConfig:
     teacher_chat_template: str | None = None  # Jinja template FILE for the teacher
     shard_size: int = 1000  # source rows per shard
     num_workers: int = 1  # processes; 1 = in this process
+    executor: str = "local"  # "local" (this process / a process pool) | "ray" (one Ray task per shard)
+    ray_address: str | None = None  # with executor "ray": HOST:PORT, ray://HOST:PORT or "auto"; None = local cluster
     max_length: int | None = None  # max prompt + completion tokens per side; None = no limit
     overlong: str = "truncate"  # policy for rows over max_length: "truncate" | "skip"
     resume: bool = False  # finish an interrupted run in `out` (keeps finished shards)
@@ -67,6 +71,7 @@ class AlignConfig:
             raise GoldInputError(f"--max-length must be at least 2 tokens (or unset), got {self.max_length}.")
         if self.overlong not in OVERLONG_POLICIES:
             raise GoldInputError(f"--overlong must be one of {OVERLONG_POLICIES}, got {self.overlong!r}.")
+        check_executor(self.executor, self.ray_address)
         if self.resume and self.overwrite:
             raise GoldInputError("--resume and --overwrite exclude each other: pick one.")
 

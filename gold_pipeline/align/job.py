@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from gold_pipeline.align.config import VOCAB_MAP_FILE, AlignConfig
+from gold_pipeline.align.config import PROJECTION_FILE, VOCAB_MAP_FILE, AlignConfig
 from gold_pipeline.align.shard import process_shard
 from gold_pipeline.data.records import Example
 from gold_pipeline.data.schemas import VOCAB_MAP_SCHEMA
@@ -55,6 +55,7 @@ from gold_pipeline.data.sources import dataset_fingerprint, iter_parsed
 from gold_pipeline.errors import GoldError, GoldInputError, InvalidRow, InvalidRowError, WorkerFailedError
 from gold_pipeline.progress import RateProgress
 from gold_pipeline.text.pair import TokenizerSide, TokenizerSpec, load_side, tokenizer_record
+from gold_pipeline.text.projection import cached_projection, projection_arrow
 from gold_pipeline.text.vocab_map import cached_vocab_map
 
 # Test hook: seconds to sleep after each finished shard, so a test can kill a run between shards.
@@ -267,7 +268,7 @@ def _read_template(path: str | None) -> str | None:
 
 
 def run_align(cfg: AlignConfig) -> dict[str, Any]:
-    """Align `cfg.source` into `cfg.out` (shards, vocab_map/vocab_map.parquet, manifest.json last).
+    """Align `cfg.source` into `cfg.out` (shards, vocab_map/{vocab_map,projection}.parquet, manifest.json last).
 
     Returns the manifest's stats. Raises GoldInputError subclasses (with a sentence saying what to do) for bad
     input, an existing output without resume/overwrite, or a teacher cache made with another tokenizer.
@@ -291,7 +292,7 @@ def run_align(cfg: AlignConfig) -> dict[str, Any]:
 
     config = dataclasses.asdict(cfg) | {"teacher_tokenizer": teacher_spec.name,
                                         "teacher_tokenizer_revision": teacher_spec.revision}
-    runtime_only = ("out", "resume", "overwrite", "num_workers", "progress")
+    runtime_only = ("out", "resume", "overwrite", "num_workers", "progress", "executor", "ray_address")
     identity = {"config": {k: v for k, v in config.items() if k not in runtime_only}, "fingerprints": fingerprints}
     out = prepare_output_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     check_run_identity(out, identity, resume=cfg.resume)
@@ -301,14 +302,20 @@ def run_align(cfg: AlignConfig) -> dict[str, Any]:
     pairs = np.asarray(cached_vocab_map(student.table, teacher.table)).reshape(-1, 2).astype(np.int32)  # (M, 2)
     vocab_table = pa.Table.from_arrays([pa.array(pairs[:, 0]), pa.array(pairs[:, 1])], schema=VOCAB_MAP_SCHEMA)
     vocab_record = write_table_atomic(vocab_path, vocab_table)
+    projection = cached_projection(student.table, teacher.table, teacher.tokenizer)
+    projection_record = write_table_atomic(out / PROJECTION_FILE, projection_arrow(projection))
 
     items = iter_parsed(cfg.source, split=cfg.split, config_name=cfg.dataset_config)
     num_shards = 0
     processing_started = time.perf_counter()
     disable = None if cfg.progress is None else not cfg.progress
     with RateProgress("align", total=_estimate_rows(cfg), disable=disable) as bar:
-        if cfg.num_workers == 1:
-            executor: _Executor = _InProcess(student, teacher, cfg, writer)
+        if cfg.executor == "ray":
+            from gold_pipeline.align.ray_executor import RayShards
+
+            executor: _Executor = RayShards(student_spec, teacher_spec, cfg)
+        elif cfg.num_workers == 1:
+            executor = _InProcess(student, teacher, cfg, writer)
         else:
             executor = _WorkerPool(student_spec, teacher_spec, cfg)
         with executor:
@@ -324,13 +331,16 @@ def run_align(cfg: AlignConfig) -> dict[str, Any]:
         "vocab_map": {"pairs": vocab_record["rows"],
                       "student_share": vocab_record["rows"] / max(fingerprints["student_tokenizer"]["vocab_size"], 1),
                       "teacher_share": vocab_record["rows"] / max(fingerprints["teacher_tokenizer"]["vocab_size"], 1)},
+        "projection": {"rows": projection_record["rows"], "kinds": projection.counts(),
+                       "coverage": projection.coverage(student.table)},
         # this invocation only (a resumed run counts the shards it wrote): wall time incl. tokenizer loading,
         # and completion tokens (both sides) per second of the shard loop
         "last_run": {"seconds": round(elapsed, 3), "resumed": cfg.resume,
                      "completion_tokens": bar.tokens,
                      "completion_tokens_per_s": round(bar.tokens / max(processing, 1e-9), 1)},
     }
-    files = {"vocab_map": VOCAB_MAP_FILE, "vocab_map_sha256": vocab_record["sha256"]}
+    files = {"vocab_map": VOCAB_MAP_FILE, "vocab_map_sha256": vocab_record["sha256"],
+             "projection": PROJECTION_FILE, "projection_sha256": projection_record["sha256"]}
     config["overlong_policy"] = (
         "none (no max_length)" if cfg.max_length is None else
         f"{cfg.overlong}: rows over {cfg.max_length} prompt+completion tokens on either side are "

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from gold_pipeline.cli.executor_options import executor_option, ray_address_option
+
 
 def align(
     dataset: Optional[str] = typer.Option(None, help="Rows: .jsonl/.json/.parquet file or glob, data folder, hub "
@@ -24,7 +26,10 @@ def align(
     student_chat_template: Optional[Path] = typer.Option(None, help="Jinja chat template file for the student."),
     teacher_chat_template: Optional[Path] = typer.Option(None, help="Jinja chat template file for the teacher."),
     shard_size: int = typer.Option(1000, help="Source rows per shard (shard k = rows [k*S, (k+1)*S))."),
-    num_workers: int = typer.Option(1, help="Worker processes (1 = in this process)."),
+    num_workers: int = typer.Option(1, help="Worker processes (1 = in this process); with --executor ray: Ray "
+                                            "workers (CPUs) used at once."),
+    executor: str = executor_option("one Ray task per shard"),
+    ray_address: Optional[str] = ray_address_option(),
     max_length: Optional[int] = typer.Option(None, help="Max prompt+completion tokens per side."),
     overlong: str = typer.Option("truncate", help="Rows over --max-length: truncate (at a common group "
                                                   "boundary) | skip. Both are counted in the manifest."),
@@ -45,7 +50,8 @@ def align(
         teacher_tokenizer_revision=teacher_tokenizer_revision,
         student_chat_template=str(student_chat_template) if student_chat_template else None,
         teacher_chat_template=str(teacher_chat_template) if teacher_chat_template else None,
-        shard_size=shard_size, num_workers=num_workers, max_length=max_length, overlong=overlong,
+        shard_size=shard_size, num_workers=num_workers, executor=executor, ray_address=ray_address,
+        max_length=max_length, overlong=overlong,
         resume=resume, overwrite=overwrite, skip_invalid=skip_invalid, progress=progress,
     )
     stats = run_align(cfg)

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from gold_pipeline.cli.executor_options import executor_option, ray_address_option
+
 
 def teacher_cache(
     dataset: str = typer.Option(..., help="Prompts: jsonl/json/parquet file, hub dataset id or folder."),
@@ -35,7 +37,10 @@ def teacher_cache(
     dtype: str = typer.Option("auto", help="Model weights dtype: auto | float32 | bfloat16 | float16."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (hf)."),
     max_context: Optional[int] = typer.Option(None, help="Context limit for prompt+completion (default: model's)."),
-    num_workers: int = typer.Option(1, help="Local data-parallel worker processes (hf)."),
+    num_workers: int = typer.Option(1, help="Local data-parallel worker processes (hf); with --executor ray: Ray "
+                                            "actors, each holding one backend."),
+    executor: str = executor_option("an actor pool, one task per shard"),
+    ray_address: Optional[str] = ray_address_option(),
     tensor_parallel_size: int = typer.Option(1, help="vllm: GPUs per model."),
     gpu_memory_utilization: float = typer.Option(0.9, help="vllm: fraction of GPU memory."),
     max_model_len: Optional[int] = typer.Option(None, help="vllm: maximum sequence length."),

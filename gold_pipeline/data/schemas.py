@@ -86,11 +86,22 @@ VOCAB_MAP_SCHEMA = pa.schema(
     metadata={"gold.kind": "vocab_map", "gold.schema_version": str(SCHEMA_VERSION)},
 )
 
-SCHEMAS: dict[str, pa.Schema] = {"aligned": ALIGNED_SCHEMA, "teacher": TEACHER_SCHEMA, "vocab_map": VOCAB_MAP_SCHEMA}
+PROJECTION_SCHEMA = pa.schema(
+    [
+        _field("student_id", pa.int32(), doc="student token id (every id with bytes; special tokens have no row)"),
+        _field("kind", pa.string(), doc="matched | projected | too_long | unencodable (text.projection.KINDS)"),
+        _field("teacher_ids", IDS, doc="teacher tokens spelling the student token's bytes, in order"),
+        _field("weights", pa.list_(pa.float32()), doc="X-Token projection weights of teacher_ids (sum 1)"),
+    ],
+    metadata={"gold.kind": "projection", "gold.schema_version": str(SCHEMA_VERSION)},
+)
+
+SCHEMAS: dict[str, pa.Schema] = {"aligned": ALIGNED_SCHEMA, "teacher": TEACHER_SCHEMA, "vocab_map": VOCAB_MAP_SCHEMA,
+                                 "projection": PROJECTION_SCHEMA}
 
 
 def schema_for(kind: str) -> pa.Schema:
-    """The schema constant of an output kind ("aligned", "teacher", "vocab_map")."""
+    """The schema constant of an output kind ("aligned", "teacher", "vocab_map", "projection")."""
     if kind not in SCHEMAS:
         raise ValueError(f"Unknown output kind {kind!r}; expected one of {sorted(SCHEMAS)}.")
     return SCHEMAS[kind]

@@ -25,7 +25,8 @@ from .merge import MergeStrategy, merged_logprobs_from_logits
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 _SUMMED_DIAG = ("matched", "unmatched", "uld", "jsd", "fast_error_bound", "matched_low", "matched_high",
-                "topk_error_bound")
+                "topk_error_bound", "projected", "projected_pairs", "projected_topk_error_bound",
+                "teacher_mass_matched", "teacher_mass_projected", "teacher_mass_unmatched")
 
 
 def completion_positions(completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

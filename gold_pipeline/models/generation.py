@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from gold_pipeline.models.sharding import synced_generation
+
 
 def sample_seed(seed: int, key: str) -> int:
     """Deterministic 63-bit seed of one sample from the run seed and a key naming the sample (its sample id, or
@@ -192,6 +194,7 @@ def _generate(model, prompts, seeds, sampling: SamplingSettings, *, stop_ids, pa
     finish: list[str] = []
     logprobs: list[CompletionLogprobs] = []
     was_training = model.training
+    synced = synced_generation(model)  # a sharded model: every rank steps until all finished
     model.eval()
     try:
         for start in range(0, len(prompts), max(1, sampling.batch_size)):
@@ -208,7 +211,7 @@ def _generate(model, prompts, seeds, sampling: SamplingSettings, *, stop_ids, pa
             try:
                 sequences = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                            generation_config=config, logits_processor=LogitsProcessorList(processors),
-                                           use_cache=True)  # (B, P + new)
+                                           use_cache=True, synced_gpus=synced)  # (B, P + new)
             finally:
                 if recorder is not None:
                     hook.remove()

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gold_pipeline.cluster import check_executor
 from gold_pipeline.errors import GoldInputError
 
 BACKENDS = ("hf", "vllm", "openai")
@@ -51,6 +52,9 @@ class TeacherCacheConfig:
     num_workers: int = 1
     rank: int | None = None
     world_size: int | None = None
+    # --executor ray: num_workers Ray actors (each holds one backend), one task per shard
+    executor: str = "local"                       # local | ray
+    ray_address: str | None = None                # HOST:PORT, ray://HOST:PORT or auto; None = a local Ray cluster
     # vllm backend
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
@@ -103,6 +107,9 @@ class TeacherCacheConfig:
         if self.num_workers > 1 and self.world_size not in (None, 1):
             raise GoldInputError(
                 "Use either --num-workers (local processes) or a launcher's rank/world size, not both.")
+        check_executor(self.executor, self.ray_address)
+        if self.executor == "ray" and self.world_size not in (None, 1):
+            raise GoldInputError("Use either --executor ray or a launcher's rank/world size, not both.")
         if self.max_context is not None and self.max_context < 2:
             raise GoldInputError(f"--max-context must be >= 2, got {self.max_context}.")
         if self.backend == "openai":

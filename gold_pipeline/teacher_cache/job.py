@@ -42,6 +42,8 @@ from gold_pipeline.teacher_cache.config import TeacherCacheConfig
 from gold_pipeline.text.pair import TokenizerSide, pad_token_id, stop_token_ids, tokenizer_record
 
 SKIP_HINT = "Or pass --skip-invalid to skip such rows (they are counted in the manifest)."
+# Test hook: seconds to sleep after each written shard, so a test can kill a worker mid-run.
+_SHARD_DELAY_ENV = "GOLD_TEACHER_CACHE_TEST_SHARD_DELAY"
 
 
 @dataclass
@@ -308,8 +310,8 @@ def resolve_rank(cfg: TeacherCacheConfig) -> tuple[int, int]:
 def run_identity(cfg: TeacherCacheConfig, fingerprints: dict) -> dict:
     """What determines the rows: everything except how the run is executed."""
     config = cfg.to_dict()
-    for key in ("out", "resume", "overwrite", "progress", "num_workers", "rank", "world_size",
-                "concurrency", "request_timeout_s", "max_retries", "extra", "api_key_env"):
+    for key in ("out", "resume", "overwrite", "progress", "num_workers", "rank", "world_size", "executor",
+                "ray_address", "concurrency", "request_timeout_s", "max_retries", "extra", "api_key_env"):
         config.pop(key, None)
     return {"kind": "teacher", "config": config, "fingerprints": fingerprints}
 
@@ -372,7 +374,17 @@ def run_teacher_cache(cfg: TeacherCacheConfig, *, model=None) -> dict:
     writer = ShardWriter(cfg.out, kind="teacher")
     done_before = {record["index"] for record in writer.records()}
     started = time.perf_counter()
-    if local_workers > 1:
+    if cfg.executor == "ray":
+        from gold_pipeline.teacher_cache.ray_executor import run_shards_on_ray
+
+        if model is not None:
+            raise GoldInputError("run_teacher_cache(model=...) uses a model of this process, but --executor ray "
+                                 "loads the teacher by name (--teacher) in each Ray actor: drop one of the two.")
+
+        plan_invalid, num_shards = _plan_counts(cfg, tokenizer)
+        run_shards_on_ray(cfg, [s for s in range(num_shards) if not writer.is_done(s)])
+        backend_seconds = None
+    elif local_workers > 1:
         context = multiprocessing.get_context("spawn")
         processes = []
         for worker in range(local_workers):
@@ -436,45 +448,73 @@ def _worker_main(cfg: TeacherCacheConfig) -> None:
     _work(cfg, tokenizer, cfg.rank or 0, cfg.world_size or 1)
 
 
+class _ShardProducer:
+    """One worker's view of the work plan: the prompts planned once, the backend built at the first shard that needs
+    it, `produce(s)` writes shard s atomically (tmp + rename, then its marker). The local ranks and the Ray actors
+    of `--executor ray` both run shards through it."""
+
+    def __init__(self, cfg: TeacherCacheConfig, tokenizer, rank: int, *, model=None):
+        self.cfg, self.tokenizer, self.rank, self.model = cfg, tokenizer, rank, model
+        self.items, self.invalid = plan_prompts(cfg, tokenizer, context_length_for(cfg, model))
+        self.ranges = shard_ranges(len(self.items), cfg.rows_per_shard)
+        self.writer = ShardWriter(cfg.out, kind="teacher")
+        self.stop = set(teacher_stop_ids(tokenizer))
+        self.backend = None
+
+    def rows_of(self, s: int) -> int:
+        start, stop_index = self.ranges[s]
+        return (stop_index - start) * self.cfg.num_generations
+
+    def ensure_backend(self) -> None:
+        if self.backend is None:
+            self.backend = make_backend(self.cfg, self.tokenizer, _device_for(self.cfg, self.rank), model=self.model)
+
+    def produce(self, s: int) -> dict[str, int]:
+        """Write shard s; returns its {"rows", "tokens"}."""
+        cfg = self.cfg
+        self.ensure_backend()
+        start, stop_index = self.ranges[s]
+        planned = build_requests(cfg, self.tokenizer, self.items[start:stop_index])
+        try:
+            results = self.backend.run([request for _, _, request in planned])
+        except BackendUnavailable as error:
+            raise BackendUnavailable(
+                f"{error} Shards finished so far are kept: rerun the same command with --resume to continue "
+                f"from shard {s}."
+            ) from error
+        kept = [(p, result) for p, result in zip(planned, results) if result is not None]
+        rows = [make_row(item, g, request, result, self.tokenizer, self.stop, cfg.top_k)
+                for (item, g, request), result in kept]
+        stats = shard_stats(rows, [result for _, result in kept])
+        if len(kept) < len(planned):   # rows the backend could not map back (counted, --skip-invalid)
+            stats["skipped_unmappable"] = len(planned) - len(kept)
+        self.writer.write_shard(s, rows_to_table(rows, cfg.top_k), stats=stats,
+                                source_rows=(self.items[start].row_index, self.items[stop_index - 1].row_index + 1))
+        time.sleep(float(os.environ.get(_SHARD_DELAY_ENV, "0") or 0))
+        return {"rows": len(rows), "tokens": stats["teacher_tokens"]}
+
+
 def _work(cfg: TeacherCacheConfig, tokenizer, rank: int, world: int, *, model=None) -> dict:
     """Produce this rank's unfinished shards. Returns {"invalid", "num_shards", "tokens", "rows", "seconds"}
     (seconds: time spent by the ready backend, model loading excluded)."""
     from gold_pipeline.progress import RateProgress
 
-    items, invalid = plan_prompts(cfg, tokenizer, context_length_for(cfg, model))
-    ranges = shard_ranges(len(items), cfg.rows_per_shard)
-    writer = ShardWriter(cfg.out, kind="teacher")
-    mine = [s for s in range(len(ranges)) if s % world == rank and not writer.is_done(s)]
-    summary = {"invalid": invalid, "num_shards": len(ranges), "tokens": 0, "rows": 0, "seconds": 0.0}
+    producer = _ShardProducer(cfg, tokenizer, rank, model=model)
+    mine = [s for s in range(len(producer.ranges)) if s % world == rank and not producer.writer.is_done(s)]
+    summary = {"invalid": producer.invalid, "num_shards": len(producer.ranges), "tokens": 0, "rows": 0,
+               "seconds": 0.0}
     if not mine:
         return summary
-    stop = set(teacher_stop_ids(tokenizer))
-    backend = make_backend(cfg, tokenizer, _device_for(cfg, rank), model=model)
-    total_rows = sum(ranges[s][1] - ranges[s][0] for s in mine) * cfg.num_generations
+    producer.ensure_backend()  # model loading is not part of the timed work
     started = time.perf_counter()
     label = f"teacher-cache[{cfg.backend}]" + (f" rank {rank}/{world}" if world > 1 else "")
-    with RateProgress(label, total=total_rows, disable=not cfg.progress or None) as progress:
+    with RateProgress(label, total=sum(producer.rows_of(s) for s in mine),
+                      disable=not cfg.progress or None) as progress:
         for s in mine:
-            start, stop_index = ranges[s]
-            planned = build_requests(cfg, tokenizer, items[start:stop_index])
-            try:
-                results = backend.run([request for _, _, request in planned])
-            except BackendUnavailable as error:
-                raise BackendUnavailable(
-                    f"{error} Shards finished so far are kept: rerun the same command with --resume to continue "
-                    f"from shard {s}."
-                ) from error
-            kept = [(p, result) for p, result in zip(planned, results) if result is not None]
-            rows = [make_row(item, g, request, result, tokenizer, stop, cfg.top_k)
-                    for (item, g, request), result in kept]
-            stats = shard_stats(rows, [result for _, result in kept])
-            if len(kept) < len(planned):   # rows the backend could not map back (counted, --skip-invalid)
-                stats["skipped_unmappable"] = len(planned) - len(kept)
-            writer.write_shard(s, rows_to_table(rows, cfg.top_k), stats=stats,
-                               source_rows=(items[start].row_index, items[stop_index - 1].row_index + 1))
-            summary["tokens"] += stats["teacher_tokens"]
-            summary["rows"] += len(rows)
-            progress.advance(rows=len(rows), tokens=stats["teacher_tokens"])
+            done = producer.produce(s)
+            summary["tokens"] += done["tokens"]
+            summary["rows"] += done["rows"]
+            progress.advance(rows=done["rows"], tokens=done["tokens"])
     summary["seconds"] = time.perf_counter() - started
     return summary
 

@@ -7,8 +7,9 @@ that the seed's scripts run unchanged. Differences, all deliberate:
   one-position logit shift, trl#5152) or "last"; TRL's names are accepted and mapped ("observed" -> "first",
   "bayesian" -> "last").
 - alignment is always the exact byte alignment (`use_extended_uld` must stay True).
-- extra fields: `uld_loss_mode`, `teacher_cache_dir`, `use_teacher_cache`, `max_length`, `model_init_kwargs`,
-  LoRA (`use_peft`, `lora_*`), `chat_template_path`, `metrics_jsonl`.
+- extra fields: `uld_loss_mode`, `uld_use_projection_loss` (+ `uld_projection_*`), `teacher_cache_dir`,
+  `use_teacher_cache`, `max_length`, `model_init_kwargs`, LoRA (`use_peft`, `lora_*`), `chat_template_path`,
+  `metrics_jsonl`.
 """
 
 from __future__ import annotations
@@ -128,6 +129,18 @@ class GOLDConfig(TrainingArguments):
     )
     uld_hybrid_unmatched_weight: float | None = field(
         default=None, metadata=_help("Weight of the unmatched part; None (with matched None) = adaptive.")
+    )
+    uld_use_projection_loss: bool = field(
+        default=False, metadata=_help("Hybrid loss plus a generalized JSD on student tokens that spell 2..4 teacher "
+                                      "tokens (multi-digit numbers), against the teacher's chain-rule probability "
+                                      "of their bytes (losses/projection.py); needs uld_use_hybrid_loss and the "
+                                      '"first" merge.')
+    )
+    uld_projection_weight: float | None = field(
+        default=None, metadata=_help("Weight of the projected part; None = the matched part's weight.")
+    )
+    uld_projection_max_pieces: int = field(
+        default=4, metadata=_help("Most teacher tokens a projectable student token may spell (2..8; X-Token: 4).")
     )
     uld_crossentropy_weight: float = field(default=0.0, metadata=_help("Weight of CE on the student's completion."))
     uld_distillation_weight: float = field(default=1.0, metadata=_help("Weight of the distillation loss."))
@@ -277,6 +290,17 @@ class GOLDConfig(TrainingArguments):
             )
         if matched is not None and (matched < 0.0 or unmatched < 0.0):
             fail("uld_hybrid_matched_weight", "hybrid weights must be non-negative.")
+        if self.uld_use_projection_loss:
+            if not (self.use_uld_loss and self.uld_use_hybrid_loss):
+                fail("uld_use_projection_loss", "extends the hybrid loss; set use_uld_loss=True and "
+                     "uld_use_hybrid_loss=True as well.")
+            if self.uld_token_merge_strategy != "first":
+                fail("uld_use_projection_loss", "compares next-token probabilities at each group's first position; "
+                     'it needs uld_token_merge_strategy="first".')
+        if self.uld_projection_weight is not None and self.uld_projection_weight < 0.0:
+            fail("uld_projection_weight", "must be non-negative (or None for the matched weight).")
+        if not 2 <= self.uld_projection_max_pieces <= 8:
+            fail("uld_projection_max_pieces", "must lie in 2..8.")
         if self.use_peft:
             if self.lora_r < 1:
                 fail("lora_r", "must be at least 1.")

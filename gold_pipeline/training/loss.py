@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from gold_pipeline import losses as L
+from gold_pipeline.losses.projection import ProjectionTeacherSide, projection_chunk_loss
 from gold_pipeline.losses.topk import TopkSide, generalized_jsd_loss_topk, hybrid_loss_topk, uld_loss_topk
 
 # Window counts: the denominators of the loss terms, summed over the window and all processes.
@@ -43,6 +44,8 @@ class LossSettings:
     groups_per_chunk: int = 64
     checkpoint_chunks: bool = True
     keep_bytes: int = 0
+    use_projection_loss: bool = False
+    projected_weight: float | None = None
 
     @classmethod
     def from_args(cls, args, student_vocab_size: int, teacher_vocab_size: int) -> LossSettings:
@@ -64,6 +67,8 @@ class LossSettings:
             groups_per_chunk=args.uld_groups_per_chunk,
             checkpoint_chunks=args.uld_checkpoint_chunks,
             keep_bytes=int(args.uld_keep_activations_mb * 2**20),
+            use_projection_loss=args.uld_use_projection_loss,
+            projected_weight=args.uld_projection_weight,
         )
 
 
@@ -225,7 +230,11 @@ def _chunked_merged_loss(student_logits, teacher: dict, batch, settings: LossSet
     from gold_pipeline.losses.logits import MergeSide, chunked_merged_loss
 
     cached = "topk_ids" in teacher
-    if settings.use_hybrid_loss:
+    if settings.use_projection_loss:  # vocab_map is a ProjectionPair (trainer._vocab_map)
+        loss_fn = partial(projection_chunk_loss, split=vocab_map.split, columns=vocab_map.columns, beta=settings.beta,
+                          matched_weight=settings.matched_weight, unmatched_weight=settings.unmatched_weight,
+                          projected_weight=settings.projected_weight, mode=settings.uld_loss_mode)
+    elif settings.use_hybrid_loss:
         loss_fn = partial(hybrid_loss_topk if cached else L.hybrid_loss, vocab_map=vocab_map, beta=settings.beta,
                           matched_weight=settings.matched_weight, unmatched_weight=settings.unmatched_weight,
                           mode=settings.uld_loss_mode)
@@ -246,6 +255,8 @@ def _chunked_merged_loss(student_logits, teacher: dict, batch, settings: LossSet
                                 batch["teacher_group_ids"])
     else:
         teacher_side = side(teacher.get("rows", teacher.get("logits")), "teacher", settings.teacher_temperature)
+    if settings.use_projection_loss:  # the same teacher, plus its token path for the chain rule
+        teacher_side = ProjectionTeacherSide(teacher_side, batch["teacher_token_ids"], vocab_map.columns.depth)
     return chunked_merged_loss(student, teacher_side, int(batch["num_groups"]), loss_fn, denominator=denominator,
                                strategy=settings.merge_strategy, groups_per_chunk=settings.groups_per_chunk,
                                checkpoint_chunks=settings.checkpoint_chunks, keep_bytes=settings.keep_bytes)

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import Trainer
 
 from gold_pipeline.errors import GoldInputError
+from gold_pipeline.models.sharding import is_sharded, place_teacher
 from gold_pipeline.text.pair import TokenizerPair
 from gold_pipeline.training import loss as gold_loss
 from gold_pipeline.training.collate import TOPK_COLUMNS, collate_rows, identity_collate, stop_group_rows
@@ -50,6 +51,10 @@ WINDOW_SUMMED_PARTS = {
     "distill/matched": "matched_loss",
     "distill/unmatched": "unmatched_loss",
     "distill/fast_error_bound": "uld_fast_error_bound",
+    "distill/projected": "projected_loss",  # projection loss: teacher mass per group on each kind of column
+    "distill/teacher_mass_matched": "teacher_mass_matched",
+    "distill/teacher_mass_projected": "teacher_mass_projected",
+    "distill/teacher_mass_unmatched": "teacher_mass_unmatched",
 }
 
 
@@ -172,8 +177,8 @@ class GOLDTrainer(Trainer):
             **kwargs,
         )
         self.teacher_model = teacher_model
-        if teacher_model is not None:
-            teacher_model.to(self.accelerator.device).eval().requires_grad_(False)
+        if teacher_model is not None:  # replicated on every rank, never sharded (models/sharding.py)
+            teacher_model = place_teacher(teacher_model, self.accelerator.device)
         self.loss_settings = gold_loss.LossSettings.from_args(args, self.student_width, self.teacher_width)
         self.vocab_map = self._vocab_map() if args.use_uld_loss and args.uld_use_hybrid_loss else None
         self.student_backend = make_generation_backend(args, stop_ids=list(self.pair.student.stop_ids),
@@ -288,7 +293,7 @@ class GOLDTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         window = num_items_in_batch if isinstance(num_items_in_batch, dict) else None
-        if self.args.use_uld_loss and self.accelerator.unwrap_model(model) is model:
+        if self.args.use_uld_loss and self.accelerator.unwrap_model(model) is model and not is_sharded(model):
             # not wrapped: hidden states + LM head, logits made per chunk of groups in the loss
             student_logits = gold_loss.forward_completion_rows(model, inputs, vocab_size=self.student_width)
         else:
@@ -330,7 +335,15 @@ class GOLDTrainer(Trainer):
 
         mapping = cached_vocab_map(self.pair.student_table, self.pair.teacher_table)  # (M, 2)
         keep = (mapping[:, 0] < self.student_width) & (mapping[:, 1] < self.teacher_width)
-        return vocab_split(mapping[keep], self.student_width, self.teacher_width)
+        split = vocab_split(mapping[keep], self.student_width, self.teacher_width)
+        if not self.args.uld_use_projection_loss:
+            return split
+        from gold_pipeline.losses.projection import ProjectionPair, projection_columns
+        from gold_pipeline.text.projection import cached_projection
+
+        table = cached_projection(self.pair.student_table, self.pair.teacher_table, self.pair.teacher_tokenizer,
+                                  max_pieces=self.args.uld_projection_max_pieces)
+        return ProjectionPair(split, projection_columns(table, self.student_width, self.teacher_width))
 
     # ------------------------------------------------------------------------------------------------------
     # Evaluation: student bits per byte on the eval completions (teacher completions).

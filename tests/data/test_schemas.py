@@ -8,7 +8,7 @@ import pytest
 from gold_pipeline.data import schemas
 
 
-@pytest.mark.parametrize("kind", ["aligned", "teacher", "vocab_map"])
+@pytest.mark.parametrize("kind", ["aligned", "teacher", "vocab_map", "projection"])
 def test_every_field_is_documented_and_tagged(kind):
     schema = schemas.schema_for(kind)
     assert schema.metadata[b"gold.kind"] == kind.encode()

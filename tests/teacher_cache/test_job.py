@@ -59,13 +59,6 @@ def stopping_model(tokenizer):
     return model
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-teacher")
-    tiny_model_for(tokenizer, seed=0).save_pretrained(path)
-    return path
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return path
