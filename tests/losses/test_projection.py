@@ -46,12 +46,18 @@ def _online(p_s, p_t, s_ids, t_ids, s_groups, t_groups, groups, depth=2):
     return s_m, t_m, path
 
 
-def test_golden_values_on_a_tiny_pair():
+def _tiny_case():
+    """The tiny pair with one student group [2] against teacher group [0, 1]: (split, columns, s_m, t_m, path)."""
     p_s, p_t = _tiny()
     split = vocab_split(VOCAB_MAP, STUDENT_V, TEACHER_V)
     columns = projection_columns(PIECES, STUDENT_V, TEACHER_V)
     s_m, t_m, path = _online(p_s, p_t, torch.tensor([2]), torch.tensor([0, 1]), torch.tensor([0]),
                              torch.tensor([0, 0]), 1)
+    return split, columns, s_m, t_m, path
+
+
+def test_golden_values_on_a_tiny_pair():
+    split, columns, s_m, t_m, path = _tiny_case()
     beta = 0.5
     loss, diag = projection_loss(s_m, t_m, path, split, columns, beta=beta, matched_weight=1.0, unmatched_weight=1.0,
                                  projected_weight=1.0, log_floor=None)
@@ -71,11 +77,7 @@ def test_golden_values_on_a_tiny_pair():
 
 
 def test_default_projected_weight_is_the_matched_weight():
-    p_s, p_t = _tiny()
-    split = vocab_split(VOCAB_MAP, STUDENT_V, TEACHER_V)
-    columns = projection_columns(PIECES, STUDENT_V, TEACHER_V)
-    s_m, t_m, path = _online(p_s, p_t, torch.tensor([2]), torch.tensor([0, 1]), torch.tensor([0]),
-                             torch.tensor([0, 0]), 1)
+    split, columns, s_m, t_m, path = _tiny_case()
     _, diag = projection_loss(s_m, t_m, path, split, columns)
     assert diag["matched_weight"] == pytest.approx(3 / 4)
     assert diag["projected_weight"] == diag["matched_weight"]
