@@ -28,9 +28,13 @@ Protocol (all on this machine, nothing tuned on held-out prompts):
      teacher's negative log-likelihood per byte of the student's own greedy answers (what on-policy distillation
      optimizes); train wall time. Mean ± std over seeds. A PNG of held-out accuracy against steps per method.
 
-    python bench/quality.py                                   # the default configuration (docs/benchmarks.md)
+    python bench/quality.py                                   # the default: the run in docs/benchmarks.md
+                                                              # (about 60 min on 2 idle cores)
     python bench/quality.py --students pkg:smollm2-135m-instruct,pkg:gemma3-270m --seeds 0,1,2,3,4 --steps 200 \\
-        --train-count 2048 --heldout-count 256                # the larger one (a GPU: add --device cuda)
+        --train-count 2048 --heldout-count 256                # the larger one (hours here: everything runs on
+                                                              # the CPU; GPU placement is not wired in yet)
+    python bench/quality.py --methods seq_kd,gold_off --validate-on-train 40 --sweep beta=0.0,0.5 --seeds 0
+                                                              # a sweep, evaluated on train-stream rows only
     python bench/quality.py --methods seq_kd,gold_off --seeds 0 --steps 2 --train-count 8 --heldout-count 8 \\
         --curve-points 1                                      # a smoke run
 
@@ -50,6 +54,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("sft", "seq_kd", "uld", "gold_off", "gold_on", "gold_on1")
 TEACHER_METHODS = ("seq_kd", "uld", "gold_off", "gold_on", "gold_on1")
+DISTILLATION_METHODS = ("uld", "gold_off", "gold_on", "gold_on1")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,14 +64,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated pretrained students (pkg:gemma3-270m is the SentencePiece one)")
     p.add_argument("--task", default="arith2", help="arith2 | arith | gsm | countdown (ignored with prompt files)")
     p.add_argument("--train-count", type=int, default=96)
-    p.add_argument("--heldout-count", type=int, default=48)
+    p.add_argument("--heldout-count", type=int, default=40)
     p.add_argument("--train-prompts", default=None, help="a task-row file instead of the generated train prompts")
     p.add_argument("--heldout-prompts", default=None, help="a task-row file instead of the generated held-out ones")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--verified-methods", default="seq_kd,gold_on",
+    p.add_argument("--verified-methods", default="seq_kd,gold_off",
                    help="teacher methods also trained on the verified variant ('' = none, 'all' = every one)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--learning-rate", type=float, default=5e-5)
     p.add_argument("--curve-points", type=int, default=2, help="held-out evaluations during training (the last "
@@ -81,7 +86,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=REPO / ".bench" / "quality")
     p.add_argument("--fresh-cache", action="store_true", help="redo the teacher caches even if they match")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a GOLDConfig field for every teacher method (repeatable), e.g. --set beta=0.0: sweeps")
+    p.add_argument("--validate-on-train", type=int, default=0, metavar="N",
+                   help="evaluate on the next N rows of the train stream (make_rows seed 0 after the train rows, "
+                        "minus any held-out question) instead of the held-out prompts: for sweeps, so that nothing "
+                        "is tuned on held-out prompts")
+    p.add_argument("--sweep", default="", metavar="FIELD=V1,V2,...",
+                   help="train every distillation method (uld, gold_*) once per value of one GOLDConfig field (on top of --set), e.g. "
+                        "--sweep beta=0.0,0.5,1.0; use with --validate-on-train")
     args = p.parse_args(argv)
+    args.overrides = dict(parse_override(text, p) for text in args.overrides)
+    field, _, values = args.sweep.partition("=")
+    args.settings = [dict([parse_override(f"{field}={v.strip()}", p)]) for v in values.split(",") if v.strip()] or [{}]
+    if args.validate_on_train and (args.train_prompts or args.heldout_prompts):
+        p.error("--validate-on-train draws from the generated train stream: not with --train-prompts/--heldout-prompts")
     args.methods = _names(args.methods, METHODS, "--methods", p)
     args.verified_methods = (list(TEACHER_METHODS) if args.verified_methods.strip() == "all" else
                              _names(args.verified_methods, TEACHER_METHODS, "--verified-methods", p))
@@ -90,6 +109,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.curve_points < 1 or args.steps < args.curve_points:
         p.error("--curve-points must be between 1 and --steps")
     return args
+
+
+def parse_override(text: str, parser) -> tuple[str, object]:
+    """"beta=0.0" -> ("beta", 0.0): the value read as JSON (numbers, true/false, null), else kept as a string."""
+    from gold_pipeline.training import GOLDConfig
+
+    field, sep, value = text.partition("=")
+    if not sep or field.strip() not in GOLDConfig.__dataclass_fields__:
+        parser.error(f"--set {text!r}: expected FIELD=VALUE with a GOLDConfig field name")
+    try:
+        return field.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return field.strip(), value
+
+
+def setting_label(setting: dict) -> str:
+    """{"beta": 0.0} -> "beta=0.0" (run folder names and table rows of a --sweep)."""
+    return ",".join(f"{k}={v}" for k, v in setting.items())
 
 
 def _names(text: str, allowed: tuple[str, ...], flag: str, parser) -> list[str]:
@@ -113,6 +150,10 @@ def prompt_rows(args) -> tuple[list[dict], list[dict]]:
         heldout = read_task_rows(args.heldout_prompts)
     else:
         heldout = make_rows(args.task, args.heldout_count, 1, exclude={row_question(r) for r in train})
+    if args.validate_on_train:  # the train stream continued; the held-out questions are never evaluated on
+        held = {row_question(r) for r in heldout}
+        stream = make_rows(args.task, args.train_count + args.validate_on_train + len(held), 0)[args.train_count:]
+        heldout = [r for r in stream if row_question(r) not in held][: args.validate_on_train]
     overlap = {row_question(r) for r in train} & {row_question(r) for r in heldout}
     if overlap:
         raise SystemExit(f"{len(overlap)} held-out questions are also train questions (e.g. {sorted(overlap)[0]!r}): "
@@ -307,19 +348,23 @@ def run_student(args, student_name: str, caches: dict[str, Path], heldout: list[
     runs = []
     plan = [(m, "reference" if m == "sft" else "all") for m in args.methods]
     plan += [(m, "verified") for m in args.verified_methods if m in args.methods]
+    # --set reaches every teacher method; a --sweep only the distillation losses (sft and seq_kd are cross-entropy)
+    plan = [(m, v, {} if m == "sft" else {**args.overrides, **setting}, setting_label(setting))
+            for m, v in plan for setting in (args.settings if m in DISTILLATION_METHODS else [{}])]
     for seed in args.seeds:
-        for method, variant in plan:
+        for method, variant, overrides, label in plan:
             student = copy.deepcopy(base)
             curve = Curve()
             run_started = time.perf_counter()
-            targs = train_args(args.work / tag / "runs" / f"{method}-{variant}-seed{seed}", steps=args.steps,
+            run_name = f"{method}-{variant}{'-' + label if label else ''}-seed{seed}"
+            targs = train_args(args.work / tag / "runs" / run_name, steps=args.steps,
                                batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
                                max_completion_length=args.max_completion_length, warmup_steps=1,
-                               **method_overrides(method))
+                               **{**method_overrides(method), **overrides})
             trained = train_student(student, args=targs, train_dir=aligned[variant], pair=pair,
                                     teacher_model=teacher() if targs.lmbda > 0 else None, callbacks=[curve])
             final = evaluate(student)
-            run = {"method": method, "variant": variant, "seed": seed, "accuracy": final["accuracy"],
+            run = {"method": method, "variant": variant, "setting": label, "seed": seed, "accuracy": final["accuracy"],
                    "correct": final["correct"], "total": final["total"], "interval95": final["interval95"],
                    "gap_closed": accuracy_gap_closed(before["accuracy"], final["accuracy"], teacher_acc),
                    "bpb": student_bits_per_byte(student, held_rows, pair)["bits_per_byte"],
@@ -329,7 +374,7 @@ def run_student(args, student_name: str, caches: dict[str, Path], heldout: list[
                    "train_seconds": trained["seconds"], "mean_loss": trained["mean_loss"],
                    "seconds": round(time.perf_counter() - run_started, 1), "example": final["texts"][0][:200]}
             runs.append(run)
-            print(f"[quality] {tag} {method:8s} {variant:9s} seed {seed}: accuracy {run['accuracy']:.3f} "
+            print(f"[quality] {tag} {method:8s} {variant:9s}{' ' + label if label else ''} seed {seed}: accuracy {run['accuracy']:.3f} "
                   f"{run['interval95']}, bpb {run['bpb']:.4f}, teacher nll/byte {run['teacher_nll_per_byte']:.4f}, "
                   f"loss {run['mean_loss']:.4f}, train {run['train_seconds']:.0f}s / {run['seconds']:.0f}s",
                   flush=True)
@@ -348,8 +393,8 @@ def summarize(runs: list[dict]) -> dict:
     from gold_pipeline.recipes.tasks import wilson_interval
 
     out = {}
-    for key in dict.fromkeys((r["method"], r["variant"]) for r in runs):
-        mine = [r for r in runs if (r["method"], r["variant"]) == key]
+    for key in dict.fromkeys((r["method"], r["variant"], r.get("setting", "")) for r in runs):
+        mine = [r for r in runs if (r["method"], r["variant"], r.get("setting", "")) == key]
         correct, total = sum(r["correct"] for r in mine), sum(r["total"] for r in mine)
         entry = {k: mean_std([r[k] for r in mine]) for k in
                  ("accuracy", "gap_closed", "bpb", "teacher_nll_per_byte", "train_seconds")}
@@ -357,7 +402,7 @@ def summarize(runs: list[dict]) -> dict:
         steps = [p[0] for p in mine[0]["curve"]]
         entry["curve"] = {"steps": steps, "accuracy": [statistics.fmean(r["curve"][i][1] for r in mine)
                                                         for i in range(len(steps))]}
-        out[f"{key[0]}/{key[1]}"] = entry
+        out[f"{key[0]}/{key[1]}" + (f" {key[2]}" if key[2] else "")] = entry
     return out
 
 
@@ -383,11 +428,11 @@ def print_table(result: dict, teacher_acc: dict) -> None:
     print(f"\n{result['student']}: teacher accuracy {100 * teacher_acc['accuracy']:.1f}% {teacher_acc['interval95']}, "
           f"student before {100 * before['accuracy']:.1f}% {before['interval95']}; teacher bpb "
           f"{result['teacher_bpb']:.3f}, student bpb before {before['bpb']:.3f}")
-    print(f"{'method/variant':20s} {'accuracy %':>14s} {'pooled 95%':>15s} {'gap closed %':>14s} {'bpb':>14s} "
+    print(f"{'method/variant':28s} {'accuracy %':>14s} {'pooled 95%':>15s} {'gap closed %':>14s} {'bpb':>14s} "
           f"{'teacher nll/B':>14s} {'train s':>9s}")
     for name, s in result["summary"].items():
         low, high = s["pooled_interval95"]
-        print(f"{name:20s} {_fmt(s['accuracy'], 1, 100):>14s} {f'[{100 * low:.0f}, {100 * high:.0f}]':>15s} "
+        print(f"{name:28s} {_fmt(s['accuracy'], 1, 100):>14s} {f'[{100 * low:.0f}, {100 * high:.0f}]':>15s} "
               f"{_fmt(s['gap_closed'], 1, 100):>14s} {_fmt(s['bpb']):>14s} {_fmt(s['teacher_nll_per_byte']):>14s} "
               f"{_fmt(s['train_seconds'], 0):>9s}")
 
@@ -434,7 +479,8 @@ def main(argv=None) -> dict:
         caches["verified"] = cached(args, "verified", verified, teacher, temperature=0.0, score_only=True)
     data_seconds = time.perf_counter() - started
     print(f"[quality] data ready in {data_seconds:.0f}s: {len(train)} train prompts ({len(verified)} with a correct "
-          f"teacher answer: {100 * teacher_train_acc:.1f}%), {len(heldout)} held-out; teacher held-out accuracy "
+          f"teacher answer: {100 * teacher_train_acc:.1f}%), {len(heldout)} "
+          f"{'validation (train stream)' if args.validate_on_train else 'held-out'}; teacher accuracy there "
           f"{100 * teacher_acc['accuracy']:.1f}% {teacher_acc['interval95']}", flush=True)
 
     results = [run_student(args, name, caches, heldout, teacher, teacher_tok, teacher_acc["accuracy"])
@@ -448,7 +494,9 @@ def main(argv=None) -> dict:
            "teacher_accuracy": teacher_acc, "teacher_train_sampled_accuracy": teacher_train_acc,
            "threads": torch.get_num_threads(), "steps": args.steps, "batch_size": args.batch_size,
            "learning_rate": args.learning_rate, "fine_tuning": "full", "seeds": args.seeds,
-           "top_k": args.top_k, "data_seconds": round(data_seconds, 1), "png": str(png),
+           "top_k": args.top_k, "overrides": args.overrides, "sweep": args.sweep,
+           "evaluated_on": f"train stream (--validate-on-train {args.validate_on_train})" if args.validate_on_train
+           else "held-out", "data_seconds": round(data_seconds, 1), "png": str(png),
            "students": [{k: v for k, v in r.items()} for r in results],
            "seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(out))
