@@ -15,7 +15,8 @@ def inspect(
     tokenizers: bool = typer.Option(True, "--tokenizers/--no-tokenizers",
                                     help="Load the manifest's tokenizers to show groups as text."),
 ) -> None:
-    """Rows, tokens per side, groups, multi-token group shares, exclusions, vocab-map overlap, frequent groups."""
+    """Rows, tokens per side, groups, multi-token group shares, exclusions, vocab-map overlap, projection coverage
+    (all and numeral student tokens matched or projected, also weighed by occurrence), frequent groups."""
     from gold_pipeline.recipes.inspect import inspect_output, render_report, report_json
 
     report = inspect_output(out, top=top, sample_rows=sample_rows, load_tokenizers=tokenizers)

@@ -3,6 +3,11 @@
 Counts come from the shards themselves (not only from the manifest), read with pyarrow + numpy. Rendering the
 most frequent multi-token groups as text loads the tokenizers named in the manifest (pkg: names load offline);
 when they cannot be loaded the groups are shown as ids and the report says why.
+
+Projection coverage (issue 14): the share of student tokens, and of numeral tokens, that are matched or projected
+in vocab_map/projection.parquet (what the projection loss can compare token by token), over the vocabulary and
+weighted by how often each id occurs in the stored student completions. Outputs written before projection tables
+existed get a note saying how to make one instead of an error.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gold_pipeline.align.config import PROJECTION_FILE
 from gold_pipeline.data.shards import iter_shard_batches, read_manifest, verify_shards
 from gold_pipeline.errors import GoldInputError
 
@@ -94,6 +100,70 @@ def group_pieces(student: list[bytes], teacher: list[bytes], tables: dict[str, A
     return None
 
 
+COVERED_KINDS = ("matched", "projected")  # text.projection.KINDS the projection loss compares token by token
+
+
+def is_numeral(token: bytes) -> bool:
+    """Token bytes that are all ASCII digits once the leading-space marker (byte-level "Ġ", SentencePiece "▁",
+    already a b" " in a `text.bytes.ByteTable`) is stripped: b"7", b" 123"; not b"", b" ", b"1.5", b"\xd9\xa3"."""
+    text = token[1:] if token[:1] == b" " else token
+    return text.isdigit()  # bytes.isdigit: ASCII digits only, False when empty
+
+
+def _share(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def projection_coverage(out_dir: str | Path, manifest: dict[str, Any], tables: dict[str, Any],
+                        student_id_counts: np.ndarray | None) -> dict[str, Any]:
+    """Coverage of the student vocabulary by matched ∪ projected rows of the output's projection table.
+
+    student_id_counts: (Vs,) occurrences of each student id in the stored completions (None: not weighed).
+    Numeral shares need the student byte table (`tables["student"]`); without it they come from the manifest's
+    stats.projection.coverage (same definition) and `numeral_source` says so.
+    """
+    path = Path(out_dir) / manifest["files"].get("projection", PROJECTION_FILE)
+    if not path.exists():
+        return {"present": False, "path": str(path),
+                "note": f"no projection table ({path.name} is absent: this output predates projection tables); "
+                        f"rerun `gold align` on it (--overwrite) to write {PROJECTION_FILE}."}
+    frame = pq.read_table(path, columns=["student_id", "kind"])
+    student_ids = frame.column("student_id").to_numpy().astype(np.int64)  # (R,)
+    kinds = np.asarray(frame.column("kind").to_pylist(), dtype=object)  # (R,)
+    covered = np.isin(kinds, COVERED_KINDS)  # (R,)
+    report: dict[str, Any] = {
+        "present": True, "path": str(path), "rows": int(student_ids.size),
+        "kinds": {kind: int(n) for kind, n in zip(*np.unique(kinds, return_counts=True))} if kinds.size else {},
+        "covered_tokens": int(covered.sum()), "token_share": _share(int(covered.sum()), int(student_ids.size)),
+    }
+    numeral = None
+    if tables:
+        token_bytes = tables["student"].token_bytes
+        numeral = np.fromiter((is_numeral(token_bytes[i]) for i in student_ids.tolist()), dtype=bool,
+                              count=student_ids.size)  # (R,)
+        report |= {"numeral_source": "projection table + student tokenizer", "numeral_tokens": int(numeral.sum()),
+                   "covered_numeral_tokens": int((covered & numeral).sum()),
+                   "numeral_share": _share(int((covered & numeral).sum()), int(numeral.sum())),
+                   "numeral_matched_share": _share(int((numeral & (kinds == "matched")).sum()), int(numeral.sum()))}
+    else:
+        recorded = (manifest["stats"].get("projection") or {}).get("coverage") or {}
+        report |= {"numeral_source": "manifest (student tokenizer not loaded)",
+                   "numeral_share": recorded.get("numeral_tokens"),
+                   "numeral_matched_share": recorded.get("numeral_tokens_matched")}
+    if student_id_counts is not None:
+        inside = student_ids < student_id_counts.size
+        counts = np.zeros(student_ids.size, dtype=np.int64)  # (R,) occurrences of each row's id
+        counts[inside] = student_id_counts[student_ids[inside]]
+        text_tokens = int(counts.sum())  # completion tokens with bytes (special tokens have no row)
+        occurrence = {"completion_tokens_with_bytes": text_tokens,
+                      "token_share": _share(int(counts[covered].sum()), text_tokens)}
+        if numeral is not None:
+            occurrence |= {"numeral_tokens": int(counts[numeral].sum()),
+                           "numeral_share": _share(int(counts[covered & numeral].sum()), int(counts[numeral].sum()))}
+        report["by_occurrence"] = occurrence
+    return report
+
+
 def inspect_aligned(out_dir: str | Path, manifest: dict[str, Any], *, top: int = 15, sample_rows: int = 5000,
                     load_tokenizers: bool = True) -> dict[str, Any]:
     columns = ["num_groups", "status", "truncated", "teacher_topk_ids"] + [
@@ -105,6 +175,8 @@ def inspect_aligned(out_dir: str | Path, manifest: dict[str, Any], *, top: int =
     group_counter: Counter = Counter()
     size_counts: dict[str, list[int]] = {side: [] for side in SIDES}
     sampled = 0
+    student_vocab = manifest["fingerprints"].get("student_tokenizer", {}).get("vocab_size")
+    student_id_counts = np.zeros(int(student_vocab), dtype=np.int64) if student_vocab else None  # (Vs,)
     for batch in iter_shard_batches(out_dir, manifest, columns=columns, batch_size=4096):
         num_groups = batch.column("num_groups").to_numpy().astype(np.int64)
         rows += batch.num_rows
@@ -131,6 +203,12 @@ def inspect_aligned(out_dir: str | Path, manifest: dict[str, Any], *, top: int =
                 "multi_token_groups": int((sizes > 1).sum()),
             })
             per_side[side] = (ids, global_ids, sizes)
+            if side == "student" and student_id_counts is not None and ids.size:
+                found = np.bincount(ids.astype(np.int64), minlength=student_id_counts.size)
+                if found.size > student_id_counts.size:  # ids beyond the recorded vocabulary: not weighed
+                    student_id_counts = None
+                else:
+                    student_id_counts += found
         if sampled < sample_rows:
             take_groups = int(num_groups[: sample_rows - sampled].sum())
             sampled += min(batch.num_rows, sample_rows - sampled)
@@ -187,6 +265,7 @@ def inspect_aligned(out_dir: str | Path, manifest: dict[str, Any], *, top: int =
         top_groups.append(entry)
     report["top_multi_token_groups"] = top_groups
     report["top_groups_from_rows"] = min(sampled, rows)
+    report["projection"] = projection_coverage(out_dir, manifest, tables, student_id_counts)
     report["notes"] = [note] if note else []
     return report
 
@@ -262,6 +341,7 @@ def render_report(report: dict[str, Any]) -> str:
                   f"too long skipped: {report['skipped_rows'] or 0}")
     if report["rows_with_teacher_topk"]:
         console.print(f"teacher top-k: {report['rows_with_teacher_topk']} rows, K={report['teacher_topk_k']}")
+    console.print(render_projection(report["projection"]), soft_wrap=True)
     groups = Table("count", "text", "student pieces", "teacher pieces",
                    title=f"most frequent multi-token groups (first {report['top_groups_from_rows']} rows)")
     for entry in report["top_multi_token_groups"]:
@@ -272,6 +352,27 @@ def render_report(report: dict[str, Any]) -> str:
     for note in report["notes"]:
         console.print(f"note: {note}")
     return buffer.getvalue()
+
+
+def _pct(share: float | None) -> str:
+    return "n/a" if share is None else f"{share:.2%}"
+
+
+def render_projection(projection: dict[str, Any]) -> str:
+    """One or two lines on the projection coverage of an inspect report."""
+    if not projection["present"]:
+        return f"projection: {projection['note']}"
+    kinds = ", ".join(f"{kind} {n}" for kind, n in projection["kinds"].items())
+    line = (f"projection ({kinds}): matched ∪ projected cover {_pct(projection['token_share'])} of student tokens, "
+            f"{_pct(projection['numeral_share'])} of numeral tokens (matched alone "
+            f"{_pct(projection['numeral_matched_share'])}; numerals from the {projection['numeral_source']})")
+    occurrence = projection.get("by_occurrence")
+    if occurrence:
+        line += (f"\nprojection by occurrence in the stored student completions: {_pct(occurrence['token_share'])} of "
+                 f"{occurrence['completion_tokens_with_bytes']} text tokens")
+        if "numeral_share" in occurrence:
+            line += f", {_pct(occurrence['numeral_share'])} of {occurrence['numeral_tokens']} numeral tokens"
+    return line
 
 
 def report_json(report: dict[str, Any]) -> str:
