@@ -61,6 +61,17 @@ def train(
     overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite",
                                              help="Replace the earlier run in --output-dir (else it is refused)."),
     use_cpu: Optional[bool] = typer.Option(None, "--use-cpu/--no-use-cpu", help="Train on CPU."),
+    teacher_server_url: Optional[str] = typer.Option(
+        None, help="Serve the teacher: base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp), e.g. "
+                   "http://127.0.0.1:8000/v1, that scores completions instead of an in-process teacher."),
+    teacher_server_model: Optional[str] = typer.Option(None, help="Model name on the teacher server (default: the "
+                                                                  "one it lists)."),
+    teacher_server_top_k: Optional[int] = typer.Option(None, help="Teacher alternatives per position (K, default "
+                                                                  "16)."),
+    teacher_server_timeout: Optional[float] = typer.Option(None, help="Seconds per teacher-server request."),
+    teacher_server_retries: Optional[int] = typer.Option(None, help="Retries before training stops resumably."),
+    teacher_server_probe: Optional[str] = typer.Option(None, help="Startup check: auto | tokens | off."),
+    teacher_server_alignment: Optional[str] = typer.Option(None, help="Echoed log-probs: auto | aligned | shifted."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE for any GOLDConfig field (repeatable; "
                                                                  "VALUE parsed as YAML)."),
 ) -> None:
@@ -84,6 +95,10 @@ def train(
         num_train_epochs=num_train_epochs, logging_steps=logging_steps, save_steps=save_steps,
         eval_steps=eval_steps, seed=seed, use_peft=use_peft, report_to=report_to,
         resume_from_checkpoint=resume_from_checkpoint, use_cpu=use_cpu, overwrite=overwrite,
+        teacher_server_url=teacher_server_url, teacher_server_model=teacher_server_model,
+        teacher_server_top_k=teacher_server_top_k, teacher_server_timeout=teacher_server_timeout,
+        teacher_server_retries=teacher_server_retries, teacher_server_probe=teacher_server_probe,
+        teacher_server_alignment=teacher_server_alignment,
     )
     options = train_options(config=config, command_line=given, argv=ctx.args, set_items=set_ or [])
     job, args = build_job(options)

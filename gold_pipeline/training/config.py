@@ -9,7 +9,7 @@ that the seed's scripts run unchanged. Differences, all deliberate:
 - alignment is always the exact byte alignment (`use_extended_uld` must stay True).
 - extra fields: `uld_loss_mode`, `uld_use_projection_loss` (+ `uld_projection_*`), `teacher_cache_dir`,
   `use_teacher_cache`, `max_length`, `model_init_kwargs`, LoRA (`use_peft`, `lora_*`), `chat_template_path`,
-  `metrics_jsonl`.
+  `metrics_jsonl`, the served teacher (`teacher_server_*`, training/teacher_service.py).
 """
 
 from __future__ import annotations
@@ -161,6 +161,43 @@ class GOLDConfig(TrainingArguments):
         default=None, metadata=_help("Teacher-cache directory whose top-K columns are joined by sample_id.")
     )
 
+    # The teacher as a service (training/teacher_service.py): an OpenAI-compatible server scores the teacher side.
+    teacher_server_url: str | None = field(
+        default=None, metadata=_help("Base URL (e.g. http://127.0.0.1:8000/v1) of an OpenAI-compatible server (vLLM "
+                                     "serve, SGLang, llama.cpp server) that scores on-policy completions with top-K "
+                                     "prompt log-probs instead of an in-process teacher; None = in-process teacher.")
+    )
+    teacher_server_model: str | None = field(
+        default=None, metadata=_help("Model name to ask the server for; None = the one model it lists.")
+    )
+    teacher_server_top_k: int = field(
+        default=16, metadata=_help("Teacher alternatives per completion position asked of the server (K).")
+    )
+    teacher_server_timeout: float = field(
+        default=60.0, metadata=_help("Seconds one request to the teacher server may take (connect: at most 10).")
+    )
+    teacher_server_retries: int = field(
+        default=3, metadata=_help("Retries (exponential backoff from 0.5 s) of a failed request before training "
+                                  "stops resumably.")
+    )
+    teacher_server_concurrency: int = field(
+        default=4, metadata=_help("Scoring requests in flight at a time.")
+    )
+    teacher_server_probe: str = field(
+        default="auto", metadata=_help('Startup check of the server: "auto" (tokenizer agreement, plus log-probs '
+                                       "against a local forward pass when a teacher model is given, used for the "
+                                       'check only), "tokens" (no forward pass), "off" (needs a declared '
+                                       "teacher_server_alignment).")
+    )
+    teacher_server_alignment: str = field(
+        default="auto", metadata=_help('How the server\'s echoed prompt log-probs line up: "auto" (detected by the '
+                                       'probe), "aligned" (OpenAI convention, vLLM) or "shifted" (one position late, '
+                                       "the llama.cpp server on prompts without its BOS; corrected).")
+    )
+    teacher_server_api_key_env: str | None = field(
+        default=None, metadata=_help("Environment variable holding the server's API key (sent as a Bearer token).")
+    )
+
     # LoRA (peft).
     use_peft: bool = field(default=False, metadata=_help("Train LoRA adapters (peft) instead of all weights."))
     lora_r: int = field(default=16, metadata=_help("LoRA rank."))
@@ -301,6 +338,8 @@ class GOLDConfig(TrainingArguments):
             fail("uld_projection_weight", "must be non-negative (or None for the matched weight).")
         if not 2 <= self.uld_projection_max_pieces <= 8:
             fail("uld_projection_max_pieces", "must lie in 2..8.")
+        if self.teacher_server_url is not None:
+            self._validate_teacher_server(fail)
         if self.use_peft:
             if self.lora_r < 1:
                 fail("lora_r", "must be at least 1.")
@@ -322,3 +361,27 @@ class GOLDConfig(TrainingArguments):
                 self.lmbda,
                 self.num_generations,
             )
+
+    def _validate_teacher_server(self, fail) -> None:
+        from gold_pipeline.training.teacher_service import ALIGNMENTS, PROBE_MODES
+
+        if not self.teacher_server_url.startswith(("http://", "https://")):
+            fail("teacher_server_url", "must be an http:// or https:// base URL, e.g. http://127.0.0.1:8000/v1.")
+        if self.teacher_server_top_k < 1:
+            fail("teacher_server_top_k", "must be at least 1.")
+        if self.teacher_server_timeout <= 0:
+            fail("teacher_server_timeout", "must be positive (seconds).")
+        if self.teacher_server_retries < 0:
+            fail("teacher_server_retries", "must be >= 0.")
+        if self.teacher_server_concurrency < 1:
+            fail("teacher_server_concurrency", "must be at least 1.")
+        if self.teacher_server_probe not in PROBE_MODES:
+            fail("teacher_server_probe", f"must be one of {PROBE_MODES}.")
+        if self.teacher_server_alignment not in ALIGNMENTS:
+            fail("teacher_server_alignment", f"must be one of {ALIGNMENTS}.")
+        if self.teacher_server_probe == "off" and self.teacher_server_alignment == "auto":
+            fail("teacher_server_probe", "'off' skips the probe that detects the alignment: set "
+                 "teacher_server_alignment to 'aligned' or 'shifted', or keep the probe.")
+        if self.seq_kd:
+            fail("seq_kd", "sequence-level KD samples from the teacher, which a served teacher scoring prompts does "
+                 "not do here; set seq_kd=False or drop teacher_server_url.")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import os
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass

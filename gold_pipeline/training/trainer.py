@@ -142,10 +142,18 @@ class GOLDTrainer(Trainer):
         cached_topk = isinstance(train_dataset, AlignedShardDataset) and set(TOPK_COLUMNS) <= set(train_dataset.columns)
         self.use_cached_topk = bool(args.use_teacher_cache and cached_topk)
         needs_teacher = args.lmbda > 0 or args.seq_kd or not self.use_cached_topk
+        self.teacher_service = None
+        if args.teacher_server_url is not None:  # the served teacher scores instead (training/teacher_service.py)
+            from gold_pipeline.training.teacher_service import start_teacher_service
+
+            self.teacher_service = start_teacher_service(
+                args, teacher_processing_class, reference=teacher_model, reference_name=teacher_name,
+                load=lambda name: _load(name, args.teacher_model_revision, args.teacher_model_init_kwargs))
+            teacher_model, needs_teacher = None, False  # a local teacher was the probe's reference only
         if needs_teacher and teacher_model is None and args.teacher_model_name_or_path is None:
             raise GoldInputError(
                 "No teacher: pass teacher_model or GOLDConfig.teacher_model_name_or_path (only aligned shards with "
-                "cached teacher top-K and lmbda=0 train without one)."
+                "cached teacher top-K and lmbda=0 train without one), or serve it (teacher_server_url)."
             )
         if isinstance(teacher_model, str) or (teacher_model is None and needs_teacher):
             teacher_model = _load(teacher_name, args.teacher_model_revision, args.teacher_model_init_kwargs)
@@ -313,6 +321,14 @@ class GOLDTrainer(Trainer):
         if "teacher_topk_ids" in inputs:
             return {"topk_ids": inputs["teacher_topk_ids"], "topk_logprobs": inputs["teacher_topk_logprobs"],
                     "token_logprobs": inputs["teacher_token_logprobs"]}
+        if self.teacher_service is not None:
+            from gold_pipeline.training.teacher_service import score_batch
+
+            started = time.perf_counter()
+            outputs, bounded = score_batch(self.teacher_service, inputs)
+            self.gold_metrics.add_count("counter/teacher_service_seconds", time.perf_counter() - started)
+            self.gold_metrics.add_count("counter/teacher_service_token_logprob_bounded", bounded)
+            return outputs
         if self.teacher_model is None:
             raise RuntimeError("This batch needs teacher log-probs but no teacher model was loaded.")
         with torch.no_grad():
