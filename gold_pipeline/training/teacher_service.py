@@ -71,6 +71,16 @@ RESUME_HINT = ("Training stopped; the last checkpoint in output_dir is kept: rer
                "--resume-from-checkpoint latest (GOLDConfig.resume_from_checkpoint) once the server answers.")
 
 
+def _json_or_none(reply):
+    """A 200 answer's JSON, else None (an optional endpoint that is missing, refuses or answers non-JSON)."""
+    if reply.status_code != 200:
+        return None
+    try:
+        return reply.json()
+    except ValueError:
+        return None
+
+
 @dataclass
 class ServedScores:
     """The teacher's scores of one completion (m teacher tokens)."""
@@ -161,13 +171,7 @@ class TeacherService:
 
     def _get(self, url: str):
         """GET, None on 404/405 or a non-JSON answer; connection problems raise requests' errors."""
-        reply = self._session().get(url, headers=self.headers, timeout=self._timeout())
-        if reply.status_code != 200:
-            return None
-        try:
-            return reply.json()
-        except ValueError:
-            return None
+        return _json_or_none(self._session().get(url, headers=self.headers, timeout=self._timeout()))
 
     def _post_json(self, url: str, body: dict):
         """One POST without retries; None when the endpoint does not exist or refuses (optional endpoints)."""
@@ -177,12 +181,7 @@ class TeacherService:
             reply = self._session().post(url, data=json.dumps(body), headers=self.headers, timeout=self._timeout())
         except (requests.ConnectionError, requests.Timeout):
             return None
-        if reply.status_code != 200:
-            return None
-        try:
-            return reply.json()
-        except ValueError:
-            return None
+        return _json_or_none(reply)
 
     def _score_body(self, ids: list[int], prompt_as: str, margin: int) -> dict:
         prompt: list[int] | str = list(ids) if prompt_as == "ids" else self.tokenizer.decode(
