@@ -340,43 +340,68 @@ class OpenAIBackend:
 
     def post(self, request: TeacherRequest) -> dict:
         """POST with retries (connection errors, timeouts, 408/429/5xx) and the ids->text prompt fallback."""
-        import requests
-
-        attempt = 0
-        while True:
-            with self._lock:
-                prompt_as, margin = self.prompt_as, self.logprobs_margin
-            body = build_completion_request(request, model=self.model, top_k=self.top_k, prompt_as=prompt_as,
+        def body_for(prompt_as: str, margin: int) -> dict:
+            return build_completion_request(request, model=self.model, top_k=self.top_k, prompt_as=prompt_as,
                                             stop_ids=self.stop_ids, logprobs_margin=margin, **self.sampling)
-            try:
-                reply = self._session().post(self.url, data=json.dumps(body), headers=self.headers,
-                                             timeout=self.timeout_s)
-            except (requests.ConnectionError, requests.Timeout) as error:
-                problem = f"{type(error).__name__}: {error}"
-            else:
-                if reply.status_code == 200:
-                    return reply.json()
-                message = reply.text[:500]
-                # a server that only takes text prompts rejects a list of ids (llama.cpp: HTTP 500 "validation")
-                if reply.status_code in (400, 422, 500) and prompt_as == "ids" and self.fallback_allowed and \
-                        "prompt" in message.lower():
-                    with self._lock:
-                        self.prompt_as = "text"     # this server takes text prompts only
-                    continue
-                if reply.status_code in (400, 422) and margin > 0 and "logprob" in message.lower():
-                    with self._lock:
-                        self.logprobs_margin = 0    # the server's limit is between K and K + margin
-                    continue
-                if reply.status_code not in RETRY_STATUS:
-                    raise ServerResponseError(
-                        f"The server at {self.url} refused the request for sample {request.sample_id} with HTTP "
-                        f"{reply.status_code}: {message}. If it names logprobs, raise the server's log-prob limit "
-                        f"or lower --top-k."
-                    )
-                problem = f"HTTP {reply.status_code}: {message}"
-            attempt += 1
-            if attempt > self.max_retries:
-                raise BackendUnavailable(
-                    f"The server at {self.url} did not answer after {self.max_retries} retries ({problem})."
-                )
-            time.sleep(min(30.0, self.backoff_s * 2 ** (attempt - 1)))
+
+        def refused(status: int, message: str) -> Exception:
+            return ServerResponseError(
+                f"The server at {self.url} refused the request for sample {request.sample_id} with HTTP "
+                f"{status}: {message}. If it names logprobs, raise the server's log-prob limit or lower --top-k."
+            )
+
+        def exhausted(problem: str) -> Exception:
+            return BackendUnavailable(f"The server at {self.url} did not answer after {self.max_retries} retries "
+                                      f"({problem}).")
+
+        reply = post_with_retries(self, body_for, timeout=self.timeout_s, refused=refused, exhausted=exhausted,
+                                  fallback_allowed=self.fallback_allowed)
+        return reply.json()
+
+
+def post_with_retries(client, body_for, *, timeout, refused, exhausted, describe=None, fallback_allowed: bool = True):
+    """POST `client.url` until HTTP 200 and return that reply (a requests.Response); the one retry policy of every
+    OpenAI-compatible client here (OpenAIBackend, training/teacher_service.TeacherService).
+
+    client: has url, headers, max_retries, backoff_s, _session() (a requests.Session per thread), _lock, and the
+        mutable prompt_as ("ids" | "text") and logprobs_margin (int) shared by its threads;
+    body_for(prompt_as, margin) -> the JSON body;
+    refused(status, message) -> the exception for a refusal that is not retried (4xx other than 408/409/425/429);
+    exhausted(problem) -> the exception once max_retries retries have failed;
+    describe(error) -> a short reason for a connection error or timeout (default: type and message).
+    Connection errors, timeouts and RETRY_STATUS are retried with exponential backoff (capped at 30 s). Two
+    refusals switch the client instead, then retry at once: a server that takes text prompts only (llama.cpp:
+    400/422/500 naming the prompt) -> prompt_as "text" (only when fallback_allowed); a log-prob limit between K and
+    K + margin (400/422 naming logprobs) -> margin 0.
+    """
+    import requests
+
+    attempt = 0
+    while True:
+        with client._lock:
+            prompt_as, margin = client.prompt_as, client.logprobs_margin
+        body = body_for(prompt_as, margin)
+        try:
+            reply = client._session().post(client.url, data=json.dumps(body), headers=client.headers, timeout=timeout)
+        except (requests.ConnectionError, requests.Timeout) as error:
+            problem = describe(error) if describe else f"{type(error).__name__}: {error}"
+        else:
+            if reply.status_code == 200:
+                return reply
+            message = reply.text[:500]
+            if reply.status_code in (400, 422, 500) and prompt_as == "ids" and fallback_allowed and \
+                    "prompt" in message.lower():
+                with client._lock:
+                    client.prompt_as = "text"       # this server takes text prompts only
+                continue
+            if reply.status_code in (400, 422) and margin > 0 and "logprob" in message.lower():
+                with client._lock:
+                    client.logprobs_margin = 0      # the server's limit is between K and K + margin
+                continue
+            if reply.status_code not in RETRY_STATUS:
+                raise refused(reply.status_code, message)
+            problem = f"HTTP {reply.status_code}: {message}"
+        attempt += 1
+        if attempt > client.max_retries:
+            raise exhausted(problem)
+        time.sleep(min(30.0, client.backoff_s * 2 ** (attempt - 1)))

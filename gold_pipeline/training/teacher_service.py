@@ -47,11 +47,11 @@ import numpy as np
 from gold_pipeline.errors import BackendUnavailable, GoldInputError
 from gold_pipeline.teacher_cache.openai import (
     LOGPROBS_MARGIN,
-    RETRY_STATUS,
     TOKEN_ID_PATTERN,
     PieceTable,
     build_piece_table,
     normalize_piece,
+    post_with_retries,
     topk_from_maps,
 )
 from gold_pipeline.text.encode import encode_completion, end_of_turn_ids, render_prompt_ids
@@ -201,50 +201,28 @@ class TeacherService:
         }
 
     def _post_score(self, ids: list[int], what: str, hint: str) -> dict:
-        """POST a scoring request with bounded retries (connection errors, timeouts, 408/429/5xx) and the
-        ids -> text prompt and K + margin -> K fallbacks (the same rules as teacher_cache/openai.py)."""
-        import requests
+        """POST a scoring request with teacher_cache/openai.py's retry policy (post_with_retries)."""
+        def refused(status: int, message: str) -> Exception:
+            return GoldInputError(
+                f"The teacher server at {self.url} refused {what} with HTTP {status}: {message}. If it names "
+                f"logprobs, raise the server's log-prob limit (vLLM: --max-logprobs {self.top_k + LOGPROBS_MARGIN}) "
+                f"or lower teacher_server_top_k."
+            )
 
-        attempt = 0
-        while True:
-            with self._lock:
-                prompt_as, margin = self.prompt_as, self.logprobs_margin
-            body = self._score_body(ids, prompt_as, margin)
-            try:
-                reply = self._session().post(self.url, data=json.dumps(body), headers=self.headers,
-                                             timeout=self._timeout())
-            except (requests.ConnectionError, requests.Timeout) as error:
-                problem = _describe(error, self.timeout_s)
-            else:
-                if reply.status_code == 200:
-                    try:
-                        return reply.json()
-                    except ValueError:
-                        raise GoldInputError(f"The teacher server at {self.url} answered {what} with something "
-                                             f"that is not JSON: {reply.text[:300]!r}.") from None
-                message = reply.text[:500]
-                if reply.status_code in (400, 422, 500) and prompt_as == "ids" and "prompt" in message.lower():
-                    with self._lock:
-                        self.prompt_as = "text"       # llama.cpp: prompt must be a string
-                    continue
-                if reply.status_code in (400, 422) and margin > 0 and "logprob" in message.lower():
-                    with self._lock:
-                        self.logprobs_margin = 0
-                    continue
-                if reply.status_code not in RETRY_STATUS:
-                    raise GoldInputError(
-                        f"The teacher server at {self.url} refused {what} with HTTP {reply.status_code}: {message}. "
-                        f"If it names logprobs, raise the server's log-prob limit (vLLM: --max-logprobs "
-                        f"{self.top_k + LOGPROBS_MARGIN}) or lower teacher_server_top_k."
-                    )
-                problem = f"HTTP {reply.status_code}: {message[:300]}"
-            attempt += 1
-            if attempt > self.max_retries:
-                raise BackendUnavailable(
-                    f"The teacher server at {self.url} did not answer {what} after {self.max_retries} retries "
-                    f"(timeout {self.timeout_s:g} s each; last: {problem}). {hint}"
-                )
-            time.sleep(min(30.0, self.backoff_s * 2 ** (attempt - 1)))
+        def exhausted(problem: str) -> Exception:
+            return BackendUnavailable(
+                f"The teacher server at {self.url} did not answer {what} after {self.max_retries} retries "
+                f"(timeout {self.timeout_s:g} s each; last: {problem[:300]}). {hint}"
+            )
+
+        reply = post_with_retries(self, lambda prompt_as, margin: self._score_body(ids, prompt_as, margin),
+                                  timeout=self._timeout(), refused=refused, exhausted=exhausted,
+                                  describe=lambda error: _describe(error, self.timeout_s))
+        try:
+            return reply.json()
+        except ValueError:
+            raise GoldInputError(f"The teacher server at {self.url} answered {what} with something that is not "
+                                 f"JSON: {reply.text[:300]!r}.") from None
 
     # ------------------------------------------------------------------------------------------------------
     # Echo answers -> scores
