@@ -186,12 +186,14 @@ def distillation_loss(
     s_ids = batch["student_token_ids"]
     G = int(batch["num_groups"])
 
-    chunked = settings.use_uld_loss and G > 0
+    chunked = settings.use_uld_loss and G > 0 and settings.distillation_weight != 0
     if not chunked:  # the other paths take full logits
         student_logits = as_logits(student_logits)
         if "rows" in teacher:
             teacher = {"logits": as_logits(teacher["rows"])}
-    if settings.use_uld_loss and G == 0:  # nothing aligned in this micro-batch (e.g. a garbage sample)
+    if settings.distillation_weight == 0 or (settings.use_uld_loss and G == 0):
+        # weight 0 (cross-entropy only, e.g. seq_kd): the term is not computed; G == 0: nothing aligned in this
+        # micro-batch (e.g. a garbage sample)
         distill, diag = _rows(student_logits).sum() * 0.0, {}
     elif chunked:
         denominator = _denominator(window, "groups", G)

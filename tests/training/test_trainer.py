@@ -84,6 +84,22 @@ def test_seq_kd_trains_on_teacher_completions(tmp_path, monkeypatch):
     assert not torch.equal(weights, trainer.model.lm_head.weight)
 
 
+def test_zero_distillation_weight_skips_the_distillation_term(tmp_path, monkeypatch):
+    # seq_kd/sft runs (uld_distillation_weight=0) used to compute the whole merged ULD/hybrid loss and multiply
+    # it by 0: about a fifth of a step on the digits bench
+    from gold_pipeline.losses import logits as logits_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the distillation term was computed at weight 0")
+
+    monkeypatch.setattr(logits_module, "chunked_merged_loss", refuse)
+    trainer = make_trainer(tmp_path, lmbda=0.0, max_steps=2, uld_distillation_weight=0.0, uld_crossentropy_weight=1.0)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(h["distillation_loss"] == 0.0 and h["crossentropy_loss"] > 0 for h in logs)
+    assert logs[0]["loss"] == pytest.approx(logs[0]["crossentropy_loss"], rel=1e-5)
+
+
 def test_saved_student_loads_with_auto_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
