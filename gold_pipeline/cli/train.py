@@ -41,6 +41,10 @@ def train(
         help="Hybrid + chain-rule projection of the teacher onto student tokens spelling 2-4 teacher tokens."),
     uld_projection_weight: Optional[float] = typer.Option(None, help="Weight of the projected part (default: the "
                                                                      "matched weight)."),
+    uld_projection_exclusive: Optional[bool] = typer.Option(
+        None, "--uld-projection-exclusive/--no-uld-projection-exclusive",
+        help="Count each string once: a student token on the teacher's path keeps only the mass its projectable "
+             "extensions do not take (default on)."),
     uld_loss_mode: Optional[str] = typer.Option(None, help="ULD sort: exact (default) | fast."),
     lmbda: Optional[float] = typer.Option(None, help="On-policy probability per slice of the optimizer window."),
     beta: Optional[float] = typer.Option(None, help="Generalized JSD beta."),
@@ -89,7 +93,7 @@ def train(
         eval_dataset=eval_dataset, output_dir=output_dir, teacher_tokenizer_name_or_path=teacher_tokenizer,
         use_uld_loss=use_uld_loss, uld_use_hybrid_loss=uld_use_hybrid_loss, uld_loss_mode=uld_loss_mode,
         uld_use_projection_loss=uld_use_projection_loss, uld_projection_weight=uld_projection_weight,
-        lmbda=lmbda, beta=beta, seq_kd=seq_kd, max_completion_length=max_completion_length,
+        uld_projection_exclusive=uld_projection_exclusive, lmbda=lmbda, beta=beta, seq_kd=seq_kd, max_completion_length=max_completion_length,
         learning_rate=learning_rate, per_device_train_batch_size=per_device_train_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, max_steps=max_steps,
         num_train_epochs=num_train_epochs, logging_steps=logging_steps, save_steps=save_steps,

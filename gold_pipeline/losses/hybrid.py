@@ -271,7 +271,9 @@ def hybrid_loss(student_merged: torch.Tensor, teacher_merged: torch.Tensor, voca
                 matched_weight: float | None = None, unmatched_weight: float | None = None,
                 denominator: Denominator = None, mode: UldMode = "exact", fast_k: int = DEFAULT_FAST_K,
                 fast_tol: float | None = DEFAULT_FAST_TOL, log_floor: float | None = TRL_LOG_FLOOR,
-                weight: float = 1.0, group_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                weight: float = 1.0, group_mask: torch.Tensor | None = None,
+                teacher_matched_shift: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, dict[str, float]]:
     """Hybrid ULD loss (see module docstring).
 
     Args:
@@ -285,6 +287,9 @@ def hybrid_loss(student_merged: torch.Tensor, teacher_merged: torch.Tensor, voca
         log_floor: lower clamp of the matched log-probabilities (TRL: log 1e-8); None = no clamp.
         weight: multiplies the loss (``uld_distillation_weight``).
         group_mask: optional (G,) bool; False drops a group.
+        teacher_matched_shift: optional (rows (c,), matched positions (c,), deltas (c,)): added to the teacher's
+            matched log-values at those cells before the matched part (the projection loss's exclusive prefixes;
+            no (G, Vt) copy is made).
     Returns:
         loss scalar; diag floats: "matched" and "unmatched" (each sum/denominator, before weights), "matched_weight",
         "unmatched_weight", "groups", "matched_columns", and in fast mode "fast_error_bound" (on the returned loss).
@@ -306,6 +311,10 @@ def hybrid_loss(student_merged: torch.Tensor, teacher_merged: torch.Tensor, voca
     s_m, s_u = split_columns(student_merged, split.student_matched, split.student_unmatched,
                              split.student_ids_unique)  # (G, M), (G, Us)
     t_m, t_u = split_columns(teacher_merged, split.teacher_matched, split.teacher_unmatched, False)  # (G, M), (G, Ut)
+    if teacher_matched_shift is not None:  # t_m is a fresh gather: edit it in place
+        rows, cols, deltas = teacher_matched_shift
+        t_m = t_m.detach()
+        t_m.index_put_((rows.to(t_m.device), cols.to(t_m.device)), deltas.to(t_m), accumulate=True)
 
     matched = student_merged.new_zeros(())
     if split.num_matched:

@@ -341,13 +341,62 @@ def projected_teacher_logprobs(path: TeacherPath, columns: ProjectionColumns, g_
     return total, unknown
 
 
+def exclusive_prefix_logprobs(path: TeacherPath, columns: ProjectionColumns, g_idx: torch.Tensor, p_idx: torch.Tensor,
+                              values: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Take from every student token that spells the start of the teacher's path the mass of its longer live
+    extensions (see "Exclusive prefixes" in the module docstring).
+
+    Args:
+        path: the groups' teacher path; g_idx, p_idx: (L,) live pairs; values: (L,) their ``log Q``.
+    Returns:
+        (L,) exclusive log-values (unchanged for pairs off the path or without extensions) and (G,) the share of
+        the teacher's probability of the group's first path token that its 2-piece live extensions take
+        (``sum_x P(x | a_0)``, in [0, 1]: what the matched column of ``a_0`` loses).
+    """
+    n = columns.lengths.to(g_idx.device)[p_idx]  # (L,)
+    depth = columns.depth
+    q = values.detach().double().exp()  # (L,)
+    # extension[g, k]: probability of the live pairs of k + 1 pieces in group g (the extensions of the k-piece prefix)
+    extension = torch.zeros(num_groups, depth + 1, dtype=torch.float64, device=g_idx.device)
+    extension.index_put_((g_idx, n - 1), q, accumulate=True)
+    last = (n - 1).unsqueeze(1)  # (L, 1)
+    pieces = columns.pieces.to(g_idx.device)[p_idx]  # (L, D)
+    on_path = pieces.gather(1, last).squeeze(1) == path.ids[g_idx].gather(1, last).squeeze(1)  # (L,) a_0..a_{n-1}
+    taken = torch.where(on_path, extension[g_idx, n], torch.zeros_like(q))  # (L,)
+    exclusive = torch.where(taken > 0, (q - taken).clamp_min(0.0).log(), values.detach().double())
+    first = path.lookup(path.rows[:, 0].clamp_min(0), path.ids[:, 0].clamp_min(0)).double().exp()  # (G,) P(a_0)
+    share = torch.where(first > 0, extension[:, 1] / first.clamp_min(1e-300), torch.zeros_like(first)).clamp(0, 1)
+    return exclusive.to(values.dtype), share
+
+
+def first_piece_shift(path: TeacherPath, split: VocabSplit,
+                      share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Where the teacher's matched column ``a_0`` (each group's first path token, when it is matched) loses the
+    share its live extensions take: (groups (c,), a_0 (c,) teacher ids, log(1 - share) (c,)), or None. share: (G,)."""
+    a0 = path.ids[:, 0]  # (G,)
+    matched = (a0 >= 0) & (split.teacher_to_matched(share.device)[a0.clamp_min(0)] >= 0) & (share > 0)  # (G,)
+    groups = matched.nonzero().squeeze(1)
+    if groups.numel() == 0:
+        return None
+    return groups, a0[groups], torch.log1p(-share[groups]).clamp_min(-1e4)  # log(1 - share), finite
+
+
+def _lowered_topk(teacher: TopkMerged, shift: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> TopkMerged:
+    """A top-k teacher with ``first_piece_shift`` applied to its cached entries (a (G, K) copy)."""
+    groups, a0, delta = shift
+    hit = teacher.ids[groups].long() == a0.unsqueeze(1)  # (c, K) at most one per row
+    values = teacher.logprobs.clone()
+    values[groups] = values[groups] + hit * delta.unsqueeze(1).to(values.dtype)
+    return TopkMerged(teacher.ids, values, teacher.tail_logprob)
+
+
 # ------------------------------------------------------------------------------------------------------ loss --
 def projection_loss(student_merged: torch.Tensor, teacher_merged: torch.Tensor | TopkMerged, teacher_path: TeacherPath,
                     split: VocabSplit, columns: ProjectionColumns, *, beta: float = 0.5,
                     matched_weight: float | None = None, unmatched_weight: float | None = None,
                     projected_weight: float | None = None, denominator: Denominator = None,
                     mode: UldMode = "exact", fast_k: int = DEFAULT_FAST_K, fast_tol: float | None = DEFAULT_FAST_TOL,
-                    log_floor: float | None = TRL_LOG_FLOOR,
+                    log_floor: float | None = TRL_LOG_FLOOR, exclusive: bool = True,
                     weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Projection loss (see module docstring).
 
@@ -361,11 +410,14 @@ def projection_loss(student_merged: torch.Tensor, teacher_merged: torch.Tensor |
         matched_weight, unmatched_weight: as ``hybrid_loss``; projected_weight: None = the matched weight.
         denominator: valid groups of the optimizer window; None = G.
         mode, fast_k, fast_tol: ULD mode of the unmatched part. log_floor: clamp of the JSD log-values.
+        exclusive: give each student token on the teacher's path only the mass its longer live extensions do not
+            take ("Exclusive prefixes" in the module docstring); False = the plain chain-rule values.
         weight: multiplies the loss.
     Returns:
         loss scalar; diag: the hybrid keys plus "projected", "projected_weight", "projected_pairs",
-        "teacher_mass_matched", "teacher_mass_projected", "teacher_mass_unmatched", and with a top-k teacher
-        "projected_topk_error_bound" (on the returned loss).
+        "teacher_mass_matched", "teacher_mass_projected", "teacher_mass_unmatched", "teacher_mass_moved" (with
+        ``exclusive``: first-piece mass handed to extensions), and with a top-k teacher "projected_topk_error_bound"
+        (on the returned loss).
     """
     check_2d("student_merged", student_merged)
     cached = isinstance(teacher_merged, TopkMerged)
@@ -385,17 +437,27 @@ def projection_loss(student_merged: torch.Tensor, teacher_merged: torch.Tensor |
 
     g_idx, p_idx = live_pairs(teacher_path.ids, columns)  # (L,), (L,)
     s_cols = columns.student_ids.to(student_merged.device)[p_idx]  # (L,)
+    t_values, unknown = projected_teacher_logprobs(teacher_path, columns, g_idx, p_idx)  # (L,), (L,)
+    shift, moved = None, 0.0
+    if exclusive and g_idx.numel():
+        t_values, share = exclusive_prefix_logprobs(teacher_path, columns, g_idx, p_idx, t_values, groups)
+        shift = first_piece_shift(teacher_path, split, share)
+        first = teacher_path.lookup(teacher_path.rows[:, 0].clamp_min(0), teacher_path.ids[:, 0].clamp_min(0))
+        moved = float((share * first.double().exp()).sum())
     # live cells leave the student's ULD side: probability 0 entries do not change the sorted L1
     masked = student_merged.index_put((g_idx, s_cols), student_merged.new_full((), -math.inf)) if g_idx.numel() \
         else student_merged
     common = dict(beta=beta, matched_weight=w_m, unmatched_weight=w_u, denominator=denom, mode=mode, fast_k=fast_k,
                   log_floor=log_floor)
     if cached:
-        base, diag = hybrid_loss_topk(masked, teacher_merged, split, **common)
+        base, diag = hybrid_loss_topk(masked, teacher_merged if shift is None else _lowered_topk(teacher_merged, shift),
+                                      split, **common)
     else:
-        base, diag = hybrid_loss(masked, teacher_merged, split, fast_tol=fast_tol, **common)
+        matched_shift = None if shift is None else (shift[0], split.teacher_to_matched(shift[1].device)[shift[1]],
+                                                    shift[2])
+        base, diag = hybrid_loss(masked, teacher_merged, split, fast_tol=fast_tol, teacher_matched_shift=matched_shift,
+                                 **common)
 
-    t_values, unknown = projected_teacher_logprobs(teacher_path, columns, g_idx, p_idx)  # (L,), (L,)
     projected = student_merged.new_zeros(())
     bound = 0.0
     if g_idx.numel():
@@ -438,7 +500,8 @@ def projection_loss(student_merged: torch.Tensor, teacher_merged: torch.Tensor |
                  "projected_pairs": float(g_idx.numel() / float(denom)),
                  "teacher_mass_matched": float(mass_m / float(denom)),
                  "teacher_mass_unmatched": float(mass_u / float(denom)),
-                 "teacher_mass_projected": float(mass_p / float(denom))})
+                 "teacher_mass_projected": float(mass_p / float(denom)),
+                 "teacher_mass_moved": moved / float(denom)})
     if cached:
         diag["projected_topk_error_bound"] = bound
     return loss, diag
@@ -496,6 +559,7 @@ def projection_chunk_loss(student_merged: torch.Tensor, teacher: ProjectedTeache
     return projection_loss(student_merged, teacher.merged, teacher.path, **kwargs)
 
 
-__all__ = ["ProjectedTeacher", "ProjectionColumns", "ProjectionPair", "ProjectionTeacherSide", "TeacherPath", "live_pairs",
+__all__ = ["ProjectedTeacher", "ProjectionColumns", "ProjectionPair", "ProjectionTeacherSide", "TeacherPath",
+           "exclusive_prefix_logprobs", "first_piece_shift", "live_pairs",
            "projected_teacher_logprobs", "projection_chunk_loss", "projection_columns", "projection_loss",
            "teacher_path_from_logits", "teacher_path_from_topk"]

@@ -139,6 +139,11 @@ class GOLDConfig(TrainingArguments):
     uld_projection_weight: float | None = field(
         default=None, metadata=_help("Weight of the projected part; None = the matched part's weight.")
     )
+    uld_projection_exclusive: bool = field(
+        default=True, metadata=_help("Student tokens that spell the start of the teacher's path keep only the mass "
+                                     "their longer projectable extensions do not take (each string counted once; "
+                                     "losses/projection.py); False = the plain chain-rule values.")
+    )
     uld_projection_max_pieces: int = field(
         default=4, metadata=_help("Most teacher tokens a projectable student token may spell (2..8; X-Token: 4).")
     )

@@ -46,6 +46,7 @@ class LossSettings:
     keep_bytes: int = 0
     use_projection_loss: bool = False
     projected_weight: float | None = None
+    projection_exclusive: bool = True
 
     @classmethod
     def from_args(cls, args, student_vocab_size: int, teacher_vocab_size: int) -> LossSettings:
@@ -69,6 +70,7 @@ class LossSettings:
             keep_bytes=int(args.uld_keep_activations_mb * 2**20),
             use_projection_loss=args.uld_use_projection_loss,
             projected_weight=args.uld_projection_weight,
+            projection_exclusive=args.uld_projection_exclusive,
         )
 
 
@@ -235,7 +237,8 @@ def _chunked_merged_loss(student_logits, teacher: dict, batch, settings: LossSet
     if settings.use_projection_loss:  # vocab_map is a ProjectionPair (trainer._vocab_map)
         loss_fn = partial(projection_chunk_loss, split=vocab_map.split, columns=vocab_map.columns, beta=settings.beta,
                           matched_weight=settings.matched_weight, unmatched_weight=settings.unmatched_weight,
-                          projected_weight=settings.projected_weight, mode=settings.uld_loss_mode)
+                          projected_weight=settings.projected_weight, mode=settings.uld_loss_mode,
+                          exclusive=settings.projection_exclusive)
     elif settings.use_hybrid_loss:
         loss_fn = partial(hybrid_loss_topk if cached else L.hybrid_loss, vocab_map=vocab_map, beta=settings.beta,
                           matched_weight=settings.matched_weight, unmatched_weight=settings.unmatched_weight,

@@ -33,7 +33,8 @@ METHOD_FIELDS = (
     "top_k", "max_completion_length", "max_length", "num_generations", "uld_crossentropy_weight",
     "uld_distillation_weight", "uld_hybrid_matched_weight", "uld_hybrid_unmatched_weight",
     "uld_student_temperature", "uld_teacher_temperature", "uld_token_merge_strategy", "uld_skip_student_eos",
-    "uld_skip_teacher_eos", "use_teacher_cache",
+    "uld_skip_teacher_eos", "use_teacher_cache", "uld_use_projection_loss", "uld_projection_weight",
+    "uld_projection_exclusive", "uld_projection_max_pieces",
 )
 TRAINING_FIELDS = (
     "max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",

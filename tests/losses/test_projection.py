@@ -56,13 +56,17 @@ def _tiny_case():
     return split, columns, s_m, t_m, path
 
 
-def test_golden_values_on_a_tiny_pair():
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_golden_values_on_a_tiny_pair(exclusive):
     split, columns, s_m, t_m, path = _tiny_case()
     beta = 0.5
     loss, diag = projection_loss(s_m, t_m, path, split, columns, beta=beta, matched_weight=1.0, unmatched_weight=1.0,
-                                 projected_weight=1.0, log_floor=None)
+                                 projected_weight=1.0, log_floor=None, exclusive=exclusive)
     cont = 0.6  # teacher merged = P(first) * P("2" | "1")
-    matched = _jsd(0.1, 0.5 * cont, beta) + _jsd(0.2, 0.2 * cont, beta) + _jsd(0.2, 0.2 * cont, beta)
+    # exclusive: the matched "1" keeps P(1) (1 - P(2 | 1)); its live extension "12" has the rest ("12" itself has
+    # no live extension, so it keeps its chain-rule value)
+    keep = 1 - 0.6 if exclusive else 1.0
+    matched = _jsd(0.1, 0.5 * cont * keep, beta) + _jsd(0.2, 0.2 * cont, beta) + _jsd(0.2, 0.2 * cont, beta)
     projected = _jsd(0.4, 0.5 * 0.6, beta)  # "12": P(1) P(2|1)
     # ULD: student {"12" (live: removed), "21" (first piece "2" is off the path: dead)} vs teacher {"y"}
     unmatched = abs(0.1 - 0.1 * cont)
@@ -74,6 +78,35 @@ def test_golden_values_on_a_tiny_pair():
     assert diag["teacher_mass_matched"] == pytest.approx(0.9)  # "1" + "2" + "x" at the first teacher position
     assert diag["teacher_mass_unmatched"] == pytest.approx(0.1)
     assert diag["teacher_mass_projected"] == pytest.approx(0.3)
+    assert diag["teacher_mass_moved"] == pytest.approx(0.3 if exclusive else 0.0)
+
+
+def test_exclusive_prefixes_count_each_string_once():
+    """Teacher path "5","3","9" (one digit per token) against a student with every 1-, 2- and 3-digit token (cl100k's
+    numerals): with exclusive prefixes the teacher's values over the student's first token sum to exactly 1, where
+    the plain chain rule counts the strings that start "5" up to three times (on "5", "5x" and "53x")."""
+    from gold_pipeline.losses.projection import exclusive_prefix_logprobs, projected_teacher_logprobs
+
+    vt = 10
+    pieces = {10 + 10 * a + b: [a, b] for a in range(10) for b in range(10)}
+    pieces |= {110 + 100 * a + 10 * b + c: [a, b, c] for a in range(10) for b in range(10) for c in range(10)}
+    columns = projection_columns(pieces, 1110, vt)
+    torch.manual_seed(0)
+    t_lp = torch.log_softmax(torch.randn(3, vt, dtype=torch.float64) * 2, 1)  # rows predicting "5", "3", "9"
+    path = teacher_path_from_logits(t_lp, torch.tensor([5, 3, 9]), torch.tensor([0, 0, 0]), 1, columns.depth)
+    g_idx, p_idx = live_pairs(path.ids, columns)
+    plain, _ = projected_teacher_logprobs(path, columns, g_idx, p_idx)
+    exclusive, share = exclusive_prefix_logprobs(path, columns, g_idx, p_idx, plain, 1)
+    p_first = t_lp[0].exp()
+    matched = p_first.sum() - share[0] * p_first[5]  # the ten single digits, "5" lowered
+    assert float(matched + exclusive.exp().sum()) == pytest.approx(1.0, abs=1e-12)
+    assert float(p_first.sum() + plain.exp().sum()) > 1.0 + 0.5 * float(p_first[5])
+    assert float(share[0]) == pytest.approx(1.0)  # every continuation of "5" is a digit: a 2-digit token
+    got = {int(columns.student_ids[p]): float(v) for p, v in zip(p_idx, exclusive)}
+    p2 = t_lp[1].exp()
+    assert math.exp(got[10 + 53]) == pytest.approx(float(p_first[5] * p2[3] * (1 - t_lp[2].exp().sum())), abs=1e-12)
+    assert got[10 + 54] == pytest.approx(float(t_lp[0, 5] + t_lp[1, 4]))  # "54": off the path after "5", untouched
+    assert got[110 + 539] == pytest.approx(float(t_lp[0, 5] + t_lp[1, 3] + t_lp[2, 9]))  # a leaf: untouched
 
 
 def test_default_projected_weight_is_the_matched_weight():
@@ -228,6 +261,8 @@ def test_topk_with_k_equal_to_the_vocabulary_equals_the_online_loss():
     assert float(cached) == pytest.approx(float(online), rel=1e-4)
     assert diag["projected"] == pytest.approx(online_diag["projected"], rel=1e-5)
     assert diag["projected_topk_error_bound"] == 0.0
+    assert online_diag["teacher_mass_moved"] > 0  # the exclusive move is exercised on both forms
+    assert diag["teacher_mass_moved"] == pytest.approx(online_diag["teacher_mass_moved"], rel=1e-5)
 
 
 def test_topk_projected_part_error_is_within_its_bound():
@@ -268,3 +303,23 @@ def test_chunked_topk_teacher_equals_the_direct_call():
     assert float(got) == pytest.approx(float(ref), rel=1e-5)
     assert diag["projected"] == pytest.approx(ref_diag["projected"], rel=1e-5)
     assert diag["projected_topk_error_bound"] == pytest.approx(ref_diag["projected_topk_error_bound"], rel=1e-5)
+
+
+def test_teacher_matched_shift_equals_a_shifted_teacher_and_leaves_it_unchanged():
+    from gold_pipeline.losses import hybrid_loss
+
+    torch.manual_seed(0)
+    s = torch.log_softmax(torch.randn(3, STUDENT_V, dtype=torch.float64), 1).requires_grad_()
+    t = torch.log_softmax(torch.randn(3, TEACHER_V, dtype=torch.float64), 1)
+    split = vocab_split(VOCAB_MAP, STUDENT_V, TEACHER_V)
+    rows, teacher_ids, deltas = torch.tensor([0, 2]), torch.tensor([0, 2]), torch.tensor([-0.7, -2.0], dtype=t.dtype)
+    before = t.clone()
+    got, _ = hybrid_loss(s, t, split, teacher_matched_shift=(rows, split.teacher_to_matched("cpu")[teacher_ids],
+                                                              deltas))
+    assert torch.equal(t, before)
+    shifted = t.index_put((rows, teacher_ids), t[rows, teacher_ids] + deltas)
+    want, _ = hybrid_loss(s, shifted, split)
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    g1, = torch.autograd.grad(got, s)
+    g2, = torch.autograd.grad(want, s)
+    assert torch.allclose(g1, g2)
