@@ -21,9 +21,13 @@ Protocol (everything from scratch on this machine, nothing tuned on held-out pro
      the same order per seed), one run per method and seed:
        seq_kd       cross-entropy on the teacher's completions
        gold_hybrid  GOLD hybrid (JSD on byte-identical tokens, ULD on the rest) from the cached top-K
-       projection   gold_hybrid + uld_use_projection_loss (chain-rule projection of multi-token student tokens)
+       projection   gold_hybrid + uld_use_projection_loss (chain-rule projection of multi-token student tokens,
+                    exclusive prefixes: each string counted once)
+       projection_plain  the same with uld_projection_exclusive=False (the plain chain-rule values: the matched
+                    first digit keeps the teacher's full mass)
   5. held-out greedy exact-match accuracy (completion stripped == the answer) with a 95 % Wilson interval per run
-     and pooled over seeds; mean ± std over seeds; train seconds. `--validate-on-train` evaluates on train pairs
+     and pooled over seeds; mean ± std over seeds; digit accuracy (share of answer digits right at their place,
+     a smoother view of partial learning); train seconds. `--validate-on-train` evaluates on train pairs
      instead (to settle the task and budget without looking at held-out pairs).
 
     .venv/bin/python bench/digits.py                  # the default configuration (docs/benchmarks.md)
@@ -49,7 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import cached, greedy_answers, mean_std, method_overrides  # noqa: E402  (bench/quality.py)
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("seq_kd", "gold_hybrid", "projection")
+METHODS = ("seq_kd", "gold_hybrid", "projection", "projection_plain")
+DEFAULT_METHODS = ("seq_kd", "gold_hybrid", "projection")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,12 +70,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heldout-count", type=int, default=256)
     p.add_argument("--validate-on-train", action="store_true",
                    help="evaluate students on --heldout-count student-train pairs instead of held-out ones")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"from {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--hidden", type=int, default=96)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--intermediate", type=int, default=256)
+    p.add_argument("--tie-student-embeddings", action="store_true",
+                   help="students share one matrix for input embedding and output head (the teacher never does)")
     p.add_argument("--teacher-steps", type=int, default=1500)
     p.add_argument("--teacher-batch-size", type=int, default=64)
     p.add_argument("--teacher-learning-rate", type=float, default=3e-3)
@@ -134,7 +141,18 @@ def exact_match(rows: list[dict], texts: list[str]) -> dict:
     correct = sum(text.strip() == r["answer"] for r, text in zip(rows, texts))
     low, high = wilson_interval(correct, len(rows))
     return {"correct": correct, "total": len(rows), "accuracy": correct / max(len(rows), 1),
-            "interval95": [round(low, 4), round(high, 4)]}
+            "interval95": [round(low, 4), round(high, 4)], "digit_accuracy": digit_accuracy(rows, texts)}
+
+
+def digit_accuracy(rows: list[dict], texts: list[str]) -> float:
+    """Share of the answers' digits that the texts (stripped) have at the same place; a digit past the end of a
+    text is wrong, extra characters cost nothing beyond the exact-match figure."""
+    right = total = 0
+    for r, text in zip(rows, texts):
+        answer, got = r["answer"], text.strip()
+        total += len(answer)
+        right += sum(a == b for a, b in zip(answer, got))
+    return right / max(total, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,6 +263,8 @@ def method_fields(method: str) -> dict:
     if method == "seq_kd":
         return method_overrides("seq_kd")
     fields = method_overrides("gold_off")
+    if method == "projection_plain":
+        return fields | {"uld_use_projection_loss": True, "uld_projection_exclusive": False}
     return fields | {"uld_use_projection_loss": True} if method == "projection" else fields
 
 
@@ -292,7 +312,8 @@ def main(argv=None) -> dict:
     runs = []
     for seed in args.seeds:
         for method in args.methods:
-            student = build_student(student_tok, **model_shape(args), seed=seed)
+            student = build_student(student_tok, **model_shape(args), seed=seed,
+                                    tie_embeddings=args.tie_student_embeddings)
             targs = train_args(args.work / "runs" / f"{method}-seed{seed}", steps=args.steps,
                                batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
                                max_completion_length=max_new + 2, warmup_steps=max(1, args.steps // 20),
@@ -304,11 +325,12 @@ def main(argv=None) -> dict:
             on_train = exact_match(seen, greedy_answers(student, student_tok, seen, max_new_tokens=max_new,
                                                         batch_size=args.eval_batch_size))
             runs.append({"method": method, "seed": seed, **result, "train_accuracy": on_train["accuracy"],
+                         "train_digit_accuracy": on_train["digit_accuracy"],
                          "train_seconds": trained["seconds"],
                          "mean_loss": trained["mean_loss"], "examples": [[r["messages"][0]["content"], t]
                                                                          for r, t in zip(eval_rows[:3], texts)]})
             print(f"[digits] {method:12s} seed {seed}: accuracy {100 * result['accuracy']:.1f}% "
-                  f"{result['interval95']} (train split {100 * on_train['accuracy']:.1f}%), loss {trained['mean_loss']:.4f}, train {trained['seconds']:.0f}s, "
+                  f"{result['interval95']}, digits {100 * result['digit_accuracy']:.1f}% (train split {100 * on_train['accuracy']:.1f}%), loss {trained['mean_loss']:.4f}, train {trained['seconds']:.0f}s, "
                   f"e.g. {runs[-1]['examples'][0]}", flush=True)
             del student
             torch.set_num_threads(args.threads)
@@ -320,22 +342,27 @@ def main(argv=None) -> dict:
         summary[method] = {"accuracy": mean_std([r["accuracy"] for r in mine]),
                            "pooled_interval95": [round(x, 4) for x in wilson_interval(correct, total)],
                            "per_seed": [r["accuracy"] for r in mine],
+                           "digit_accuracy": mean_std([r["digit_accuracy"] for r in mine]),
                            "train_accuracy": mean_std([r["train_accuracy"] for r in mine]),
                            "train_seconds": mean_std([r["train_seconds"] for r in mine])}
     where = "student-train pairs (--validate-on-train)" if args.validate_on_train else "held-out pairs"
     print(f"\n{args.student_tokenizer} students from {args.teacher_tokenizer} teacher; {len(eval_rows)} {where}; "
           f"teacher {100 * teacher_acc['accuracy']:.1f}% {teacher_acc['interval95']}")
-    print(f"{'method':14s} {'accuracy %':>14s} {'pooled 95%':>14s} {'per seed %':>22s} {'train-split %':>14s} "
-          f"{'train s':>8s}")
+    print(f"{'method':16s} {'accuracy %':>14s} {'pooled 95%':>14s} {'per seed %':>22s} {'digits %':>14s} "
+          f"{'train-split %':>14s} {'train s':>8s}")
     for method, s in summary.items():
         acc = s["accuracy"]
         low, high = s["pooled_interval95"]
         per_seed = " ".join(f"{100 * a:.1f}" for a in s["per_seed"])
-        print(f"{method:14s} {100 * acc['mean']:7.1f} ± {100 * acc['std']:4.1f} {f'[{100 * low:.1f}, {100 * high:.1f}]':>14s} "
-              f"{per_seed:>22s} {100 * s['train_accuracy']['mean']:14.1f} {s['train_seconds']['mean']:8.0f}")
+        digits = f"{100 * s['digit_accuracy']['mean']:.1f} ± {100 * s['digit_accuracy']['std']:.1f}"
+        print(f"{method:16s} {100 * acc['mean']:7.1f} ± {100 * acc['std']:4.1f} "
+              f"{f'[{100 * low:.1f}, {100 * high:.1f}]':>14s} {per_seed:>22s} "
+              f"{digits:>14s} "
+              f"{100 * s['train_accuracy']['mean']:14.1f} {s['train_seconds']['mean']:8.0f}")
     out = {"bench": "digits", "teacher_tokenizer": args.teacher_tokenizer, "student_tokenizer": args.student_tokenizer,
            "task": f"a+b=, a and b in [{args.low}, {args.high}]" if args.task == "add" else
            f"n= -> n, {args.copy_digits}-digit n", "model_shape": model_shape(args),
+           "tied_student_embeddings": args.tie_student_embeddings,
            "teacher_steps": args.teacher_steps, "teacher_train_pairs": len(teacher_train),
            "teacher_seconds": round(teacher_seconds, 1), "teacher_accuracy": teacher_acc,
            "teacher_student_train_accuracy": teacher_train_acc, "projection_coverage": projection,
@@ -344,6 +371,8 @@ def main(argv=None) -> dict:
            "seeds": args.seeds, "threads": torch.get_num_threads(), "runs": runs,
            "methods": {m: {"accuracy_mean": s["accuracy"]["mean"], "accuracy_std": s["accuracy"]["std"],
                            "pooled_interval95": s["pooled_interval95"],
+                           "digit_accuracy_mean": s["digit_accuracy"]["mean"],
+                           "digit_accuracy_std": s["digit_accuracy"]["std"],
                            "train_split_accuracy_mean": s["train_accuracy"]["mean"]} for m, s in summary.items()},
            "seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(out))

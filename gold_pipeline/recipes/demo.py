@@ -132,13 +132,15 @@ def choose_threads(requested: int | None) -> int:
     return 1 if os.getloadavg()[0] > cores else torch.get_num_threads()
 
 
-def build_student(tokenizer, *, hidden_size: int, layers: int, heads: int, intermediate_size: int, seed: int):
-    """A fresh Llama-shaped causal LM with `tokenizer`'s vocabulary (weights depend only on `seed`)."""
+def build_student(tokenizer, *, hidden_size: int, layers: int, heads: int, intermediate_size: int, seed: int,
+                  tie_embeddings: bool = False):
+    """A fresh Llama-shaped causal LM with `tokenizer`'s vocabulary (weights depend only on `seed`); with
+    `tie_embeddings` the output head shares the input embedding matrix."""
     from gold_pipeline.models.loading import tiny_model_for
 
     return tiny_model_for(tokenizer, seed=seed, hidden_size=hidden_size, num_hidden_layers=layers,
                           num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                          intermediate_size=intermediate_size)
+                          intermediate_size=intermediate_size, tie_word_embeddings=tie_embeddings)
 
 
 def cache_teacher(*, teacher: str, model, dataset: str, out: Path, max_examples: int | None, top_k: int,
