@@ -342,16 +342,17 @@ def projected_teacher_logprobs(path: TeacherPath, columns: ProjectionColumns, g_
 
 
 def exclusive_prefix_logprobs(path: TeacherPath, columns: ProjectionColumns, g_idx: torch.Tensor, p_idx: torch.Tensor,
-                              values: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+                              values: torch.Tensor, num_groups: int
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Take from every student token that spells the start of the teacher's path the mass of its longer live
     extensions (see "Exclusive prefixes" in the module docstring).
 
     Args:
         path: the groups' teacher path; g_idx, p_idx: (L,) live pairs; values: (L,) their ``log Q``.
     Returns:
-        (L,) exclusive log-values (unchanged for pairs off the path or without extensions) and (G,) the share of
+        (L,) exclusive log-values (unchanged for pairs off the path or without extensions); (G,) the share of
         the teacher's probability of the group's first path token that its 2-piece live extensions take
-        (``sum_x P(x | a_0)``, in [0, 1]: what the matched column of ``a_0`` loses).
+        (``sum_x P(x | a_0)``, in [0, 1]: what the matched column of ``a_0`` loses); (G,) that probability P(a_0).
     """
     n = columns.lengths.to(g_idx.device)[p_idx]  # (L,)
     depth = columns.depth
@@ -366,7 +367,7 @@ def exclusive_prefix_logprobs(path: TeacherPath, columns: ProjectionColumns, g_i
     exclusive = torch.where(taken > 0, (q - taken).clamp_min(0.0).log(), values.detach().double())
     first = path.lookup(path.rows[:, 0].clamp_min(0), path.ids[:, 0].clamp_min(0)).double().exp()  # (G,) P(a_0)
     share = torch.where(first > 0, extension[:, 1] / first.clamp_min(1e-300), torch.zeros_like(first)).clamp(0, 1)
-    return exclusive.to(values.dtype), share
+    return exclusive.to(values.dtype), share, first
 
 
 def first_piece_shift(path: TeacherPath, split: VocabSplit,
@@ -440,10 +441,9 @@ def projection_loss(student_merged: torch.Tensor, teacher_merged: torch.Tensor |
     t_values, unknown = projected_teacher_logprobs(teacher_path, columns, g_idx, p_idx)  # (L,), (L,)
     shift, moved = None, 0.0
     if exclusive and g_idx.numel():
-        t_values, share = exclusive_prefix_logprobs(teacher_path, columns, g_idx, p_idx, t_values, groups)
+        t_values, share, first = exclusive_prefix_logprobs(teacher_path, columns, g_idx, p_idx, t_values, groups)
         shift = first_piece_shift(teacher_path, split, share)
-        first = teacher_path.lookup(teacher_path.rows[:, 0].clamp_min(0), teacher_path.ids[:, 0].clamp_min(0))
-        moved = float((share * first.double().exp()).sum())
+        moved = 0.0 if shift is None else float((share * first)[shift[0]].sum())  # only where a_0 is matched
     # live cells leave the student's ULD side: probability 0 entries do not change the sorted L1
     masked = student_merged.index_put((g_idx, s_cols), student_merged.new_full((), -math.inf)) if g_idx.numel() \
         else student_merged

@@ -81,6 +81,18 @@ def test_golden_values_on_a_tiny_pair(exclusive):
     assert diag["teacher_mass_moved"] == pytest.approx(0.3 if exclusive else 0.0)
 
 
+def test_moved_mass_is_zero_when_the_first_path_token_is_unmatched():
+    """Regression: teacher_mass_moved counted P(a_0) * share even when a_0 has no matched column to lower."""
+    p_s, p_t = _tiny()
+    split = vocab_split([[1, 1], [3, 2]], STUDENT_V, TEACHER_V)  # "1" is not a shared token here
+    columns = projection_columns(PIECES, STUDENT_V, TEACHER_V)
+    s_m, t_m, path = _online(p_s, p_t, torch.tensor([2]), torch.tensor([0, 1]), torch.tensor([0]),
+                             torch.tensor([0, 0]), 1)
+    _, diag = projection_loss(s_m, t_m, path, split, columns, log_floor=None, exclusive=True)
+    assert diag["projected_pairs"] == 1.0  # "12" is still projected through the chain rule
+    assert diag["teacher_mass_moved"] == 0.0
+
+
 def test_exclusive_prefixes_count_each_string_once():
     """Teacher path "5","3","9" (one digit per token) against a student with every 1-, 2- and 3-digit token (cl100k's
     numerals): with exclusive prefixes the teacher's values over the student's first token sum to exactly 1, where
@@ -96,8 +108,9 @@ def test_exclusive_prefixes_count_each_string_once():
     path = teacher_path_from_logits(t_lp, torch.tensor([5, 3, 9]), torch.tensor([0, 0, 0]), 1, columns.depth)
     g_idx, p_idx = live_pairs(path.ids, columns)
     plain, _ = projected_teacher_logprobs(path, columns, g_idx, p_idx)
-    exclusive, share = exclusive_prefix_logprobs(path, columns, g_idx, p_idx, plain, 1)
+    exclusive, share, first = exclusive_prefix_logprobs(path, columns, g_idx, p_idx, plain, 1)
     p_first = t_lp[0].exp()
+    assert float(first[0]) == pytest.approx(float(p_first[5]))
     matched = p_first.sum() - share[0] * p_first[5]  # the ten single digits, "5" lowered
     assert float(matched + exclusive.exp().sum()) == pytest.approx(1.0, abs=1e-12)
     assert float(p_first.sum() + plain.exp().sum()) > 1.0 + 0.5 * float(p_first[5])
