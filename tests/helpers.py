@@ -4,7 +4,11 @@ config, a few conversations, and a GOLDConfig for fast CPU runs."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 from functools import lru_cache
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -107,3 +111,23 @@ def fixed_batch_loss(trainer, indices=(0, 1, 2, 3)) -> float:
 
 def train_losses(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def free_loopback_port() -> int:
+    """A 127.0.0.1 port nothing listens on (bound once and closed again)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def loopback_server(handler):
+    """An http.server on 127.0.0.1 (a free port) serving `handler` in a daemon thread; yields the server and shuts
+    it down on exit (the fake OpenAI-compatible servers of the teacher-cache and teacher-service tests)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

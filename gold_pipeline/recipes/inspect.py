@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from gold_pipeline.align.config import PROJECTION_FILE
 from gold_pipeline.data.shards import iter_shard_batches, read_manifest, verify_shards
 from gold_pipeline.errors import GoldInputError
+from gold_pipeline.text.bytes import strips_dummy_prefix
 
 SIDES = ("student", "teacher")
 
@@ -94,7 +95,8 @@ def group_pieces(student: list[bytes], teacher: list[bytes], tables: dict[str, A
         return student, teacher
     for name, mine, other, mine_joined, other_joined in (("student", student, teacher, joined_s, joined_t),
                                                          ("teacher", teacher, student, joined_t, joined_s)):
-        if tables[name].dummy_prefix and mine_joined[:1] == b" " and mine_joined[1:] == other_joined:
+        added = strips_dummy_prefix(tables[name], text_starts_with_space=other_joined[:1] == b" ")
+        if added and mine_joined[:1] == b" " and mine_joined[1:] == other_joined:
             stripped = [mine[0][1:], *mine[1:]]
             return (stripped, other) if name == "student" else (other, stripped)
     return None

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import polars as pl
@@ -30,6 +28,7 @@ from gold_pipeline.teacher_cache.openai import (
 )
 from gold_pipeline.text.encode import encode_completion, end_of_turn_ids, render_prompt_ids
 from gold_pipeline.text.tokenizers import load_tokenizer
+from tests.helpers import free_loopback_port, loopback_server
 
 TOKENIZER = "pkg:smollm2"
 
@@ -166,12 +165,9 @@ class _Stub(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def stub():
-    server = HTTPServer(("127.0.0.1", 0), _Stub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     _Stub.seen = []
-    yield server
-    server.shutdown()
+    with loopback_server(_Stub) as server:
+        yield server
 
 
 def backend_for(server, tokenizer, **kwargs) -> OpenAIBackend:
@@ -237,12 +233,6 @@ LLAMA_CPP_MEAN_TOL = 0.2      # nats, mean |server - transformers| over stored l
 LLAMA_CPP_MAX_TOL = 1.5       # nats, any single value
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
@@ -252,7 +242,7 @@ def llama_server(tmp_path_factory):
     from gold_pipeline.models.loading import PKG_MODELS
 
     gguf = PKG_MODELS["pkg:smollm2-135m-instruct"].gguf_path()
-    port = _free_port()
+    port = free_loopback_port()
     log = tmp_path_factory.mktemp("llama-server") / "server.log"   # a file, not a pipe: a full pipe blocks it
     with open(log, "wb") as handle:
         process = subprocess.Popen(

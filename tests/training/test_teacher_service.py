@@ -9,10 +9,8 @@ and a 2-step on-policy GOLDTrainer run with it as the teacher."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
@@ -22,7 +20,16 @@ from gold_pipeline.errors import BackendUnavailable, GoldInputError
 from gold_pipeline.teacher_cache.openai import build_piece_table
 from gold_pipeline.text.encode import encode_completion, end_of_turn_ids, render_prompt_ids
 from gold_pipeline.training.teacher_service import TeacherService, reference_logprobs, score_batch
-from tests.helpers import CONVERSATIONS, STUDENT_TOKENIZER, TEACHER_TOKENIZER, gold_args, tiny_model, tokenizer
+from tests.helpers import (
+    CONVERSATIONS,
+    STUDENT_TOKENIZER,
+    TEACHER_TOKENIZER,
+    free_loopback_port,
+    gold_args,
+    loopback_server,
+    tiny_model,
+    tokenizer,
+)
 
 TOK = tokenizer(TEACHER_TOKENIZER)        # SmolLM2 byte-level BPE 49k
 V = len(TOK)
@@ -141,19 +148,14 @@ def echo_answer(ids: list[int], n: int, cfg: dict) -> dict:
 
 @pytest.fixture()
 def fake_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     Handler.seen = []
+    with loopback_server(Handler) as server:
+        def start(**cfg):
+            Handler.cfg = {"style": "vllm", **cfg}
+            Handler.seen = []
+            return f"http://127.0.0.1:{server.server_port}/v1"
 
-    def start(**cfg):
-        Handler.cfg = {"style": "vllm", **cfg}
-        Handler.seen = []
-        return f"http://127.0.0.1:{server.server_port}/v1"
-
-    yield start
-    server.shutdown()
-    server.server_close()
+        yield start
 
 
 def service(url: str, **kwargs) -> TeacherService:
@@ -185,7 +187,8 @@ def test_vllm_style_server_is_aligned_and_scores_exactly(fake_server):
     svc = service(url)
     report = svc.probe(FakeTeacher())
     assert report.alignment == "aligned" and svc.shift == 0 and svc.model == "teacher"
-    assert report.errors["aligned"] < 1e-5 and report.errors["shifted"] > 1.0
+    # the reference is a float32 log-softmax over 49k ids: 1e-5 to 2e-5 nats off, by CPU (vector kernels differ)
+    assert report.errors["aligned"] < 1e-4 and report.errors["shifted"] > 1.0
     assert any("re-tokenizes the probe text" in c for c in report.checks)
     prompt, completion = completion_case()
     scores = svc.score(prompt, completion)
@@ -204,7 +207,7 @@ def test_llama_cpp_style_shifted_by_one_is_detected_and_corrected(fake_server):
     svc = service(url)
     report = svc.probe(FakeTeacher())
     assert report.alignment == "shifted" and svc.shift == 1 and svc.prompt_as == "text"
-    assert report.errors["shifted"] < 1e-5 and report.errors["aligned"] > 1.0
+    assert report.errors["shifted"] < 1e-4 and report.errors["aligned"] > 1.0
     prompt, completion = completion_case()
     scores = svc.score(prompt, completion)
     top, top_lp, token_lp = expected(prompt, completion, 4)
@@ -261,9 +264,7 @@ def test_declared_matching_fingerprint_passes(fake_server):
 
 
 def test_unreachable_server_fails_fast_naming_the_address():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]          # closed again: nothing listens there
+    port = free_loopback_port()
     started = time.monotonic()
     with pytest.raises(BackendUnavailable, match=rf"127\.0\.0\.1:{port}/v1 cannot be reached after 2 retries"):
         service(f"http://127.0.0.1:{port}/v1").probe(None)
@@ -357,9 +358,7 @@ def test_gold_train_with_the_served_teacher_and_its_failures(fake_server, tmp_pa
     result = gold_train(fake_server(style="vllm", delay=5.0, delay_after=2), "hang", "--teacher-server-timeout", "2")
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "did not answer" in result.output and "--resume-from-checkpoint latest" in result.output
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_loopback_port()
     result = gold_train(f"http://127.0.0.1:{port}/v1", "closed")
     assert result.exit_code == 1 and f"127.0.0.1:{port}/v1 cannot be reached" in result.output, result.output
 
