@@ -22,6 +22,7 @@ Identical tokenizers with one-token groups make ``matched_g`` the plain per-toke
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,12 +60,20 @@ class VocabSplit:
         """(Vt,) position of each teacher id in the matched list, -1 where unmatched (built once per device)."""
         return self._teacher_index("to_matched", device, torch.arange(self.num_matched))
 
+    def student_to_unmatched(self, device) -> torch.Tensor:
+        """(Vs,) position of each student id in ``student_unmatched``, -1 where matched (built once per device)."""
+        return self._index("student_to_unmatched", device, self.student_vocab_size, self.student_unmatched,
+                           torch.arange(self.student_unmatched.numel()))
+
     def _teacher_index(self, name: str, device, values: torch.Tensor) -> torch.Tensor:
+        return self._index(name, device, self.teacher_vocab_size, self.teacher_matched, values)
+
+    def _index(self, name: str, device, size: int, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         cache = self.__dict__.setdefault("_index_cache", {})  # frozen dataclass: a plain cache dict on the instance
         key = (name, str(torch.device(device)))
         if key not in cache:
-            index = torch.full((self.teacher_vocab_size,), -1, dtype=torch.long, device=device)
-            index[self.teacher_matched.to(device)] = values.to(device)
+            index = torch.full((size,), -1, dtype=torch.long, device=device)
+            index[keys.to(device)] = values.to(device)
             cache[key] = index
         return cache[key]
 
@@ -125,6 +134,22 @@ def split_columns(merged: torch.Tensor, first: torch.Tensor, second: torch.Tenso
     if partition and merged.requires_grad and first.numel() and second.numel():
         return _ColumnSplit.apply(merged, first, second)
     return merged.index_select(1, first), merged.index_select(1, second)
+
+
+def drop_student_cells(s_unmatched: torch.Tensor, split: VocabSplit,
+                       cells: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The student's unmatched columns (G, Us) with ``cells`` = (rows (L,), student ids (L,)) set to probability 0
+    (-inf), out of place: they leave the sorted L1 (zero entries do not change it) and get no gradient.
+
+    The projection loss's live cells, removed from the small (G, Us) gather instead of a (G, Vs) copy."""
+    if cells is None or cells[0].numel() == 0:
+        return s_unmatched
+    rows, ids = (c.to(s_unmatched.device) for c in cells)
+    at = split.student_to_unmatched(s_unmatched.device)[ids]  # (L,)
+    if bool((at < 0).any()):
+        raise ValueError("drop_student_cells: a cell names a matched student column; the projection table and the "
+                         "vocab split must come from the same tokenizer pair.")
+    return s_unmatched.index_put((rows, at), s_unmatched.new_full((), -math.inf))
 
 
 def hybrid_weights(split: VocabSplit, matched_weight: float | None,
@@ -273,6 +298,7 @@ def hybrid_loss(student_merged: torch.Tensor, teacher_merged: torch.Tensor, voca
                 fast_tol: float | None = DEFAULT_FAST_TOL, log_floor: float | None = TRL_LOG_FLOOR,
                 weight: float = 1.0, group_mask: torch.Tensor | None = None,
                 teacher_matched_shift: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                student_dropped: tuple[torch.Tensor, torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Hybrid ULD loss (see module docstring).
 
@@ -290,6 +316,8 @@ def hybrid_loss(student_merged: torch.Tensor, teacher_merged: torch.Tensor, voca
         teacher_matched_shift: optional (rows (c,), matched positions (c,), deltas (c,)): added to the teacher's
             matched log-values at those cells before the matched part (the projection loss's exclusive prefixes;
             no (G, Vt) copy is made).
+        student_dropped: optional (rows (L,), unmatched student ids (L,)): cells left out of the student's ULD side
+            (``drop_student_cells``; the projection loss's live pairs).
     Returns:
         loss scalar; diag floats: "matched" and "unmatched" (each sum/denominator, before weights), "matched_weight",
         "unmatched_weight", "groups", "matched_columns", and in fast mode "fast_error_bound" (on the returned loss).
@@ -310,6 +338,7 @@ def hybrid_loss(student_merged: torch.Tensor, teacher_merged: torch.Tensor, voca
 
     s_m, s_u = split_columns(student_merged, split.student_matched, split.student_unmatched,
                              split.student_ids_unique)  # (G, M), (G, Us)
+    s_u = drop_student_cells(s_u, split, student_dropped)
     t_m, t_u = split_columns(teacher_merged, split.teacher_matched, split.teacher_unmatched, False)  # (G, M), (G, Ut)
     if teacher_matched_shift is not None:  # t_m is a fresh gather: edit it in place
         rows, cols, deltas = teacher_matched_shift

@@ -218,38 +218,59 @@ def teacher_path_from_logits(logits: torch.Tensor, token_ids: torch.Tensor, grou
     return TeacherPath(ids, rows, lookup, scalar=scalar)
 
 
-def _row_logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """(r, V) -> (r,) logsumexp of each row, without autograd (NumPy threads for CPU float32)."""
-    if x.shape[0] == 0:
+def _row_logsumexp(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, V) -> (r,) logsumexp of rows ``rows`` (r,) (None: all n), without autograd (NumPy threads for CPU
+    float32; the rows are gathered chunk by chunk, never as one (r, V) copy)."""
+    count = x.shape[0] if rows is None else rows.numel()
+    if count == 0:
         return x.new_zeros(0)
     if x.device.type != "cpu" or x.dtype != torch.float32:
-        return torch.logsumexp(x, dim=1)
+        return torch.logsumexp(x if rows is None else x[rows], dim=1)
     a = x.contiguous().numpy()
-    out = np.empty(a.shape[0], dtype=np.float32)
+    at = None if rows is None else rows.numpy()
+    out = np.empty(count, dtype=np.float32)
 
     def one(span):
         lo, hi = span
-        block = a[lo:hi]
+        block = a[lo:hi] if at is None else a[at[lo:hi]]
         top = block.max(axis=1, keepdims=True)
         out[lo:hi] = np.log(np.exp(block - top).sum(axis=1)) + top[:, 0]
 
-    _run_chunks(one, _chunks(a.shape[0], a.shape[1]))
+    _run_chunks(one, _chunks(count, a.shape[1]))
     return torch.from_numpy(out)
 
 
-class _LogSumExpRows(torch.autograd.Function):
-    """(r, V) -> (r,) logsumexp with a NumPy forward and a backward that recomputes softmax (saves no (r, V))."""
+class _RowLogprobCells(torch.autograd.Function):
+    """(G, V) unnormalized log rows x, (L,) rows and cols -> (L,) ``x[rows, cols] - logsumexp(x[rows])``.
+
+    Backward writes the one (G, V) gradient directly: the cells' gradients, minus softmax(x[r]) times the sum of
+    row r's cell gradients on each used row, 0 elsewhere (no (u, V) gather, no zero buffer per indexing op)."""
 
     @staticmethod
-    def forward(ctx, x):
-        lse = _row_logsumexp(x.detach())
-        ctx.save_for_backward(x, lse)
-        return lse
+    def forward(ctx, x, rows, cols):
+        used, local = torch.unique(rows, return_inverse=True)  # (u,), (L,)
+        lse = _row_logsumexp(x.detach(), used)  # (u,)
+        ctx.save_for_backward(x, used, local, rows, cols, lse)
+        return x.detach()[rows, cols] - lse[local]
 
     @staticmethod
     def backward(ctx, grad):
-        x, lse = ctx.saved_tensors
-        return (x.detach() - lse.unsqueeze(1)).exp_().mul_(grad.unsqueeze(1))
+        x, used, local, rows, cols, lse = ctx.saved_tensors
+        per_row = torch.zeros(used.numel(), dtype=grad.dtype, device=grad.device).index_add_(0, local, grad)  # (u,)
+        out = torch.zeros_like(x)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and grad.dtype == torch.float32:
+            a, o, at = x.detach().contiguous().numpy(), out.numpy(), used.numpy()
+            shift, scale = lse.numpy(), per_row.numpy()
+
+            def one(span):
+                lo, hi = span
+                o[at[lo:hi]] = np.exp(a[at[lo:hi]] - shift[lo:hi, None]) * -scale[lo:hi, None]
+
+            _run_chunks(one, _chunks(used.numel(), a.shape[1]))
+        else:
+            out[used] = (x.detach()[used] - lse.unsqueeze(1)).exp() * -per_row.unsqueeze(1)
+        out.index_put_((rows, cols), grad.to(out.dtype), accumulate=True)
+        return out, None, None
 
 
 def _first_row_mass(merged: torch.Tensor, cols: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
@@ -445,25 +466,21 @@ def projection_loss(student_merged: torch.Tensor, teacher_merged: torch.Tensor |
         shift = first_piece_shift(teacher_path, split, share)
         moved = 0.0 if shift is None else float((share * first)[shift[0]].sum())  # only where a_0 is matched
     # live cells leave the student's ULD side: probability 0 entries do not change the sorted L1
-    masked = student_merged.index_put((g_idx, s_cols), student_merged.new_full((), -math.inf)) if g_idx.numel() \
-        else student_merged
     common = dict(beta=beta, matched_weight=w_m, unmatched_weight=w_u, denominator=denom, mode=mode, fast_k=fast_k,
-                  log_floor=log_floor)
+                  log_floor=log_floor, student_dropped=(g_idx, s_cols))
     if cached:
-        base, diag = hybrid_loss_topk(masked, teacher_merged if shift is None else _lowered_topk(teacher_merged, shift),
-                                      split, **common)
+        base, diag = hybrid_loss_topk(student_merged, teacher_merged if shift is None
+                                      else _lowered_topk(teacher_merged, shift), split, **common)
     else:
         matched_shift = None if shift is None else (shift[0], split.teacher_to_matched(shift[1].device)[shift[1]],
                                                     shift[2])
-        base, diag = hybrid_loss(masked, teacher_merged, split, fast_tol=fast_tol, teacher_matched_shift=matched_shift,
-                                 **common)
+        base, diag = hybrid_loss(student_merged, teacher_merged, split, fast_tol=fast_tol,
+                                 teacher_matched_shift=matched_shift, **common)
 
     projected = student_merged.new_zeros(())
     bound = 0.0
     if g_idx.numel():
-        used, local = torch.unique(g_idx, return_inverse=True)
-        lse = _LogSumExpRows.apply(student_merged[used])  # (u,) the merged row's constant (its scalar)
-        s_values = student_merged[g_idx, s_cols] - lse[local]  # (L,) log p_s(y | ctx)
+        s_values = _RowLogprobCells.apply(student_merged, g_idx, s_cols)  # (L,) log p_s(y | ctx)
         t_values = t_values.to(s_values.dtype)
         s_f, t_f = s_values, t_values
         if log_floor is not None:

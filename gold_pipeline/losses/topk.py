@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from ._common import TRL_LOG_FLOOR, Denominator, generalized_jsd_terms, resolve_denominator, upcast
-from .hybrid import VocabSplit, hybrid_weights, jsd_on_columns, split_columns, vocab_split
+from .hybrid import VocabSplit, drop_student_cells, hybrid_weights, jsd_on_columns, split_columns, vocab_split
 from .merge import MergeStrategy, _check_inputs, merge_scalars
 from .topk_numpy import placed_jsd, tail_sorted_l1
 from .uld import DEFAULT_FAST_K, UldMode, sorted_l1
@@ -382,13 +382,15 @@ def _placement(columns: int) -> torch.Tensor:
 def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_map, *, beta: float = 0.5,
                      matched_weight: float | None = None, unmatched_weight: float | None = None,
                      denominator: Denominator = None, mode: UldMode = "exact", fast_k: int = DEFAULT_FAST_K,
-                     log_floor: float | None = TRL_LOG_FLOOR,
-                     weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+                     log_floor: float | None = TRL_LOG_FLOOR, weight: float = 1.0,
+                     student_dropped: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
     """Hybrid loss with a merged top-k teacher (see module docstring); same weights/floor as ``hybrid_loss``.
 
     Args:
         student_merged: (G, Vs); teacher: TopkMerged (G, K) + tail; vocab_map: (M, 2) or a ``VocabSplit`` whose
             teacher vocabulary size Vt is the FULL teacher vocabulary (the default weight is M / Vt).
+        student_dropped: as ``hybrid_loss`` (cells left out of the student's ULD side).
     Returns:
         loss scalar; diag like ``hybrid_loss`` plus "teacher_tail_mass" and the matched part's bracket
         "matched_low" (tail cell coarsened: a lower bound) / "matched_high" (tail placed with no association);
@@ -422,6 +424,7 @@ def hybrid_loss_topk(student_merged: torch.Tensor, teacher: TopkMerged, vocab_ma
 
     s_matched, s_unmatched = split_columns(student_merged, split.student_matched, split.student_unmatched,
                                            split.student_ids_unique)  # (G, M), (G, Us)
+    s_unmatched = drop_student_cells(s_unmatched, split, student_dropped)
     matched = low = high = student_merged.new_zeros(())
     if m_cols:
         s_all = s_matched  # (G, M)

@@ -336,3 +336,52 @@ def test_teacher_matched_shift_equals_a_shifted_teacher_and_leaves_it_unchanged(
     g1, = torch.autograd.grad(got, s)
     g2, = torch.autograd.grad(want, s)
     assert torch.allclose(g1, g2)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_student_dropped_equals_a_student_masked_to_zero_probability(cached):
+    """hybrid_loss(_topk)'s student_dropped removes the cells from the (G, Us) gather: same loss and gradient as the
+    (G, Vs) -inf copy the projection loss used to make."""
+    from gold_pipeline.losses import hybrid_loss
+    from gold_pipeline.losses.topk import hybrid_loss_topk
+
+    torch.manual_seed(0)
+    s = torch.log_softmax(torch.randn(3, STUDENT_V, dtype=torch.float64), 1).requires_grad_()
+    t = torch.log_softmax(torch.randn(3, TEACHER_V, dtype=torch.float64), 1)
+    split = vocab_split(VOCAB_MAP, STUDENT_V, TEACHER_V)
+    cells = (torch.tensor([0, 2, 2]), torch.tensor([2, 2, 4]))  # unmatched student ids "12", "21"
+    if cached:
+        top = torch.topk(t, 3, dim=1)
+        token_lp = t.gather(1, top.indices[:, :1]).squeeze(1)  # one-token groups: the actual token's log-prob
+        teacher = merged_topk(top.indices, top.values, token_lp, torch.arange(3), 3)
+
+        def loss(x, **kw):
+            return hybrid_loss_topk(x, teacher, split, **kw)[0]
+    else:
+        def loss(x, **kw):
+            return hybrid_loss(x, t, split, **kw)[0]
+    got = loss(s, student_dropped=cells)
+    want = loss(s.index_put(cells, torch.tensor(-math.inf, dtype=s.dtype)))
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    g1, = torch.autograd.grad(got, s)
+    g2, = torch.autograd.grad(want, s)
+    assert torch.allclose(g1, g2) and torch.all(g1[cells] == 0)
+    with pytest.raises(ValueError, match="matched student column"):
+        loss(s, student_dropped=(torch.tensor([0]), torch.tensor([0])))
+
+
+def test_row_logprob_cells_float32_kernel_matches_autograd():
+    """The NumPy forward/backward of the projected student log-probs (rows wide enough for several chunks, repeated
+    cells, unused rows) against plain torch autograd."""
+    from gold_pipeline.losses.projection import _RowLogprobCells
+
+    torch.manual_seed(0)
+    x = (3 * torch.randn(7, 400_000)).requires_grad_()
+    rows, cols = torch.tensor([0, 0, 3, 5, 5, 5]), torch.tensor([1, 7, 2, 9, 9, 399_999])
+    weights = torch.tensor([0.5, -1.0, 2.0, 0.25, 0.25, 3.0])
+    got = _RowLogprobCells.apply(x, rows, cols)
+    want = x[rows, cols] - torch.logsumexp(x[rows], 1)
+    assert torch.allclose(got, want, atol=1e-5)
+    g1, = torch.autograd.grad((got * weights).sum(), x)
+    g2, = torch.autograd.grad((want * weights).sum(), x)
+    assert torch.allclose(g1, g2, atol=1e-7) and torch.all(g1[[1, 2, 4, 6]] == 0)
