@@ -260,12 +260,9 @@ def train_teacher(args, tokenizer, rows: list[dict]):
 
 def method_fields(method: str) -> dict:
     """GOLDConfig fields of each method (bench/quality.py's seq_kd and gold_off; projection on top of the latter)."""
-    if method == "seq_kd":
-        return method_overrides("seq_kd")
-    fields = method_overrides("gold_off")
     if method == "projection_plain":
-        return fields | {"uld_use_projection_loss": True, "uld_projection_exclusive": False}
-    return fields | {"uld_use_projection_loss": True} if method == "projection" else fields
+        return method_overrides("proj_off") | {"uld_projection_exclusive": False}
+    return method_overrides({"seq_kd": "seq_kd", "gold_hybrid": "gold_off", "projection": "proj_off"}[method])
 
 
 def main(argv=None) -> dict:

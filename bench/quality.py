@@ -21,6 +21,8 @@ Protocol (all on this machine, nothing tuned on held-out prompts):
        gold_off  GOLD hybrid (JSD on byte-identical tokens + ULD on the rest) from the cached top-K
        gold_on   GOLD hybrid, lmbda 0.5: half the batches are student samples scored by the live teacher
        gold_on1  GOLD hybrid, lmbda 1: every batch on-policy
+       proj_off, proj_on  gold_off / gold_on plus the projection loss (uld_use_projection_loss: student tokens that
+                 spell several teacher tokens compared by the chain rule; issue 14); not in the default set
 
   5. metrics on the held-out prompts: greedy exact-match accuracy with a 95 % Wilson interval (per run, and pooled
      over seeds), before training and at --curve-points points during it; the teacher's accuracy; share of the
@@ -52,9 +54,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("sft", "seq_kd", "uld", "gold_off", "gold_on", "gold_on1")
-TEACHER_METHODS = ("seq_kd", "uld", "gold_off", "gold_on", "gold_on1")
-DISTILLATION_METHODS = ("uld", "gold_off", "gold_on", "gold_on1")
+METHODS = ("sft", "seq_kd", "uld", "gold_off", "gold_on", "gold_on1", "proj_off", "proj_on")
+DEFAULT_METHODS = METHODS[:6]
+TEACHER_METHODS = METHODS[1:]
+DISTILLATION_METHODS = METHODS[2:]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heldout-count", type=int, default=40)
     p.add_argument("--train-prompts", default=None, help="a task-row file instead of the generated train prompts")
     p.add_argument("--heldout-prompts", default=None, help="a task-row file instead of the generated held-out ones")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--verified-methods", default="seq_kd,gold_off",
                    help="teacher methods also trained on the verified variant ('' = none, 'all' = every one)")
     p.add_argument("--seeds", default="0,1,2")
@@ -284,6 +287,8 @@ def method_overrides(method: str) -> dict:
         return dict(lmbda=0.0, uld_use_hybrid_loss=False, uld_distillation_weight=0.0, uld_crossentropy_weight=1.0)
     if method == "uld":
         return dict(lmbda=0.0, uld_use_hybrid_loss=False)
+    if method.startswith("proj_"):  # the projection loss on top of the GOLD hybrid method of the same policy
+        return method_overrides(method.replace("proj_", "gold_")) | dict(uld_use_projection_loss=True)
     return dict(lmbda={"gold_off": 0.0, "gold_on": 0.5, "gold_on1": 1.0}[method], uld_use_hybrid_loss=True)
 
 
