@@ -286,7 +286,8 @@ def main(argv=None) -> dict:
     teacher, teacher_seconds, teacher_digest = train_teacher(args, teacher_tok, teacher_train)
     teacher_acc = exact_match(heldout, greedy_answers(teacher, teacher_tok, heldout, max_new_tokens=max_new,
                                                       batch_size=args.eval_batch_size))
-    teacher_train_acc = exact_match(train[:256], greedy_answers(teacher, teacher_tok, train[:256], max_new_tokens=max_new,
+    teacher_train_acc = exact_match(train[:256], greedy_answers(teacher, teacher_tok, train[:256],
+                                                                max_new_tokens=max_new,
                                                                 batch_size=args.eval_batch_size))
     print(f"[digits] teacher ({args.teacher_tokenizer}): held-out accuracy {100 * teacher_acc['accuracy']:.1f}% "
           f"{teacher_acc['interval95']}, student-train {100 * teacher_train_acc['accuracy']:.1f}%; trained in "
@@ -316,7 +317,8 @@ def main(argv=None) -> dict:
                                max_completion_length=max_new + 2, warmup_steps=max(1, args.steps // 20),
                                **method_fields(method))
             trained = train_student(student, args=targs, train_dir=aligned_dir, pair=pair)
-            texts = greedy_answers(student, student_tok, eval_rows, max_new_tokens=max_new, batch_size=args.eval_batch_size)
+            texts = greedy_answers(student, student_tok, eval_rows, max_new_tokens=max_new,
+                                   batch_size=args.eval_batch_size)
             result = exact_match(eval_rows, texts)
             seen = train[: args.heldout_count]  # the train split too: did the method learn the rows it saw?
             on_train = exact_match(seen, greedy_answers(student, student_tok, seen, max_new_tokens=max_new,
@@ -327,7 +329,9 @@ def main(argv=None) -> dict:
                          "mean_loss": trained["mean_loss"], "examples": [[r["messages"][0]["content"], t]
                                                                          for r, t in zip(eval_rows[:3], texts)]})
             print(f"[digits] {method:12s} seed {seed}: accuracy {100 * result['accuracy']:.1f}% "
-                  f"{result['interval95']}, digits {100 * result['digit_accuracy']:.1f}% (train split {100 * on_train['accuracy']:.1f}%), loss {trained['mean_loss']:.4f}, train {trained['seconds']:.0f}s, "
+                  f"{result['interval95']}, digits {100 * result['digit_accuracy']:.1f}% (train split "
+                  f"{100 * on_train['accuracy']:.1f}%), loss {trained['mean_loss']:.4f}, "
+                  f"train {trained['seconds']:.0f}s, "
                   f"e.g. {runs[-1]['examples'][0]}", flush=True)
             del student
             torch.set_num_threads(args.threads)

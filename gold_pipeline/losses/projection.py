@@ -29,9 +29,15 @@ w_p = ``projected_weight`` (default w_m: it is the same kind of term). With iden
 projectable token and the loss is the hybrid loss, i.e. the plain per-token generalized JSD (up to the floor).
 The projected values need the FIRST-position merge (``uld_token_merge_strategy="first"``).
 
-Known limitation: the matched part stays as in the hybrid loss, so the teacher's mass on a matched first piece
-(``1``) is compared with the student's ``1`` and also counted, split by continuation, in its projected ``1x``/``12x``
-columns.
+Exclusive prefixes (``exclusive=True``, the default; GOLDConfig ``uld_projection_exclusive``). The plain chain-rule
+values count a string several times: the teacher's first-position merged value of ``1`` in group "123" already is
+the probability of the group's whole text, and ``12``, ``12x`` get their own values on top, so the matched part keeps
+pulling the student to the single first piece. With exclusive prefixes every student token that spells the start of
+the teacher's path keeps only what its longer live extensions do not take: the projected ``12`` gets
+P(1)P(2|1)(1 - sum_x P(x|12)) (a leaf such as ``123`` keeps its chain-rule value), and the teacher's matched column
+of the first piece ``1`` is lowered to P(1)(1 - sum_x P(x|1)) in place (``first_piece_shift``; no (G, Vt) copy).
+Over the student's first token the teacher's values then sum to 1. ``diag["teacher_mass_moved"]`` is the mass taken
+from matched first pieces. The top-k error bound below covers the plain projected values only, not this correction.
 
 Top-k teacher (the cache; ``teacher_path_from_topk``): every live factor but the last is the log-prob of an actual
 teacher token, which the cache holds exactly (``teacher_token_logprobs``); the last factor comes from the top-K of
