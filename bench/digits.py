@@ -50,7 +50,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import cached, greedy_answers, mean_std, method_overrides  # noqa: E402  (bench/quality.py)
+from quality import cached, greedy_answers, mean_std, method_overrides, parse_override  # noqa: E402  (bench/quality.py)
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("seq_kd", "gold_hybrid", "projection", "projection_plain")
@@ -87,8 +87,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=16)
     p.add_argument("--eval-batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a GOLDConfig field for the distillation methods (not seq_kd), e.g. --set beta=0.0; "
+                        "settle it with --validate-on-train")
     p.add_argument("--work", type=Path, default=REPO / ".bench" / "digits")
     args = p.parse_args(argv)
+    args.overrides = dict(parse_override(text, p) for text in args.overrides)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -315,7 +319,7 @@ def main(argv=None) -> dict:
             targs = train_args(args.work / "runs" / f"{method}-seed{seed}", steps=args.steps,
                                batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
                                max_completion_length=max_new + 2, warmup_steps=max(1, args.steps // 20),
-                               **method_fields(method))
+                               **method_fields(method), **({} if method == "seq_kd" else args.overrides))
             trained = train_student(student, args=targs, train_dir=aligned_dir, pair=pair)
             texts = greedy_answers(student, student_tok, eval_rows, max_new_tokens=max_new,
                                    batch_size=args.eval_batch_size)
@@ -368,8 +372,8 @@ def main(argv=None) -> dict:
            "teacher_seconds": round(teacher_seconds, 1), "teacher_accuracy": teacher_acc,
            "teacher_student_train_accuracy": teacher_train_acc, "projection_coverage": projection,
            "train_pairs": len(train), "evaluated_on": where, "eval_pairs": len(eval_rows), "steps": args.steps,
-           "batch_size": args.batch_size, "learning_rate": args.learning_rate, "top_k": args.top_k,
-           "seeds": args.seeds, "threads": torch.get_num_threads(), "runs": runs,
+           "overrides": args.overrides, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+           "top_k": args.top_k, "seeds": args.seeds, "threads": torch.get_num_threads(), "runs": runs,
            "methods": {m: {"accuracy_mean": s["accuracy"]["mean"], "accuracy_std": s["accuracy"]["std"],
                            "pooled_interval95": s["pooled_interval95"],
                            "digit_accuracy_mean": s["digit_accuracy"]["mean"],
