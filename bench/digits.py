@@ -319,7 +319,7 @@ def main(argv=None) -> dict:
             targs = train_args(args.work / "runs" / f"{method}-seed{seed}", steps=args.steps,
                                batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
                                max_completion_length=max_new + 2, warmup_steps=max(1, args.steps // 20),
-                               **method_fields(method), **({} if method == "seq_kd" else args.overrides))
+                               **{**method_fields(method), **({} if method == "seq_kd" else args.overrides)})
             trained = train_student(student, args=targs, train_dir=aligned_dir, pair=pair)
             texts = greedy_answers(student, student_tok, eval_rows, max_new_tokens=max_new,
                                    batch_size=args.eval_batch_size)
