@@ -115,6 +115,20 @@ class TokenizerPair:
         return cls(student, student if teacher_tokenizer is student_tokenizer else TokenizerSide.of(teacher_tokenizer),
                    same)  # fmt: skip
 
+    def end_of_turn_pair(self, merge_strategy: str = "first") -> np.ndarray:
+        """(1, 2) int64 [student_id, teacher_id]: the end-of-turn ids whose merged columns say "the turn ends
+        here" in a stop group (collate.stop_group_rows): each side's first end-of-turn id under the first-position
+        merge, its last under the last-position one. (0, 2) when a side has none.
+
+        End-of-turn tokens are special tokens without bytes, so the vocab map never pairs them (cl100k's
+        <|endoftext|> and Qwen's <|im_end|> spell nothing alike); without this pair a stop group's probabilities
+        all fall to the ULD part, which matches sorted values and cannot teach the student when to stop."""
+        student, teacher = self.student.eot_ids, self.teacher.eot_ids
+        if not student.size or not teacher.size:
+            return np.zeros((0, 2), dtype=np.int64)
+        at = 0 if merge_strategy == "first" else -1
+        return np.array([[student[at], teacher[at]]], dtype=np.int64)
+
     def side(self, name: str) -> TokenizerSide:
         """"student" or "teacher"."""
         return self.student if name == "student" else self.teacher

@@ -130,6 +130,16 @@ def build_vocab_map(student_table: ByteTable, teacher_table: ByteTable) -> np.nd
     return np.stack([student_ids[order], teacher_ids[order]], axis=1).astype(np.int64)  # (M, 2)
 
 
+def with_extra_pairs(pairs: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """(M', 2) int64: `pairs` (M, 2) plus the rows of `extra` (E, 2) whose student id and teacher id are both
+    still unpaired (the map stays one-to-one), sorted by student id."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    extra = np.asarray(extra, dtype=np.int64).reshape(-1, 2)
+    free = ~np.isin(extra[:, 0], pairs[:, 0]) & ~np.isin(extra[:, 1], pairs[:, 1])  # (E,)
+    merged = np.concatenate([pairs, extra[free]])
+    return merged[np.argsort(merged[:, 0], kind="stable")]
+
+
 # bump when build_vocab_map gives another result for the same tables (invalidates the on-disk cache)
 _CACHE_VERSION = 1
 

@@ -152,7 +152,9 @@ class GOLDConfig(TrainingArguments):
     uld_student_temperature: float = field(default=1.0, metadata=_help("Student temperature in the ULD loss."))
     uld_teacher_temperature: float = field(default=1.0, metadata=_help("Teacher temperature in the ULD loss."))
     uld_skip_student_eos: bool = field(
-        default=True, metadata=_help("Leave the student's end-of-turn tokens out of the distillation loss.")
+        default=True, metadata=_help("Leave the student's end-of-turn tokens out of the distillation loss. False "
+                                     "(with uld_skip_teacher_eos): both sides' end-of-turn tokens form one group "
+                                     "and their columns are paired in the hybrid loss's matched part.")
     )
     uld_skip_teacher_eos: bool = field(
         default=True, metadata=_help("Leave the teacher's end-of-turn tokens out of the distillation loss.")

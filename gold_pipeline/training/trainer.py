@@ -347,9 +347,11 @@ class GOLDTrainer(Trainer):
 
     def _vocab_map(self):
         from gold_pipeline.losses import vocab_split
-        from gold_pipeline.text.vocab_map import cached_vocab_map
+        from gold_pipeline.text.vocab_map import cached_vocab_map, with_extra_pairs
 
         mapping = cached_vocab_map(self.pair.student_table, self.pair.teacher_table)  # (M, 2)
+        if not self.args.uld_skip_student_eos:  # stop groups: their end-of-turn columns are compared as matched
+            mapping = with_extra_pairs(mapping, self.pair.end_of_turn_pair(self.args.uld_token_merge_strategy))
         keep = (mapping[:, 0] < self.student_width) & (mapping[:, 1] < self.teacher_width)
         split = vocab_split(mapping[keep], self.student_width, self.teacher_width)
         if not self.args.uld_use_projection_loss:

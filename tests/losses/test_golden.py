@@ -126,3 +126,19 @@ def test_cross_entropy_golden():
     assert diag["tokens"] == 2
     loss, _ = cross_entropy_loss(logits, labels, mask=torch.tensor([True, True, False]), denominator=4, weight=0.5)
     assert float(loss) == pytest.approx(0.5 * LN(4) / 4)
+
+
+def test_paired_end_of_turn_columns_pull_the_student_towards_stopping():
+    # Why the trainer pairs the end-of-turn columns of a stop group (text.pair.end_of_turn_pair): the teacher ends
+    # the turn (p 0.96 on its end-of-turn id 4), the student prefers another unmatched token (5). Left to ULD, the
+    # sorted L1 pairs the teacher's 0.96 with the student's largest unmatched value and pushes the student's
+    # end-of-turn probability down; as a matched pair, the JSD pushes it up.
+    from gold_pipeline.losses import hybrid_loss
+
+    teacher = torch.tensor([[0.01, 0.01, 0.01, 0.01, 0.96, 0.0]]).clamp_min(1e-12).log()  # (G=1, Vt=6)
+    words = torch.tensor([[0, 0], [1, 1], [2, 2], [3, 3]])
+    for pairs, sign in ((words, 1.0), (torch.cat([words, torch.tensor([[4, 4]])]), -1.0)):
+        logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 3.0]], requires_grad=True)  # (G=1, Vs=6)
+        loss, _ = hybrid_loss(logits.log_softmax(-1), teacher, pairs, beta=0.5)
+        loss.backward()
+        assert float(logits.grad[0, 4]) * sign > 0  # d loss / d (student end-of-turn logit)

@@ -48,3 +48,19 @@ def test_pair_of_one_tokenizer_shares_its_side():
     pair = TokenizerPair.build(tokenizer, tokenizer)
     assert pair.same_tokenizer and pair.student is pair.teacher
     assert pair.student_eot_ids == pair.teacher_eot_ids and pair.side("teacher") is pair.teacher
+
+
+def test_end_of_turn_pair_is_the_merged_column_of_each_side():
+    import numpy as np
+
+    pair = TokenizerPair.build(tok("pkg:cl100k"), tok("pkg:qwen"))  # <|endoftext|> (no template) ↔ <|im_end|>
+    assert pair.end_of_turn_pair().tolist() == [[pair.student_eot_ids[0], pair.teacher_eot_ids[0]]]
+
+    def side(eot):
+        return TokenizerSide(tokenizer=None, table=None, eot_ids=np.asarray(eot, dtype=np.int32), stop_ids=(),
+                             pad_id=0)
+
+    multi = TokenizerPair(side([7, 8]), side([3]), same_tokenizer=False)
+    assert multi.end_of_turn_pair("first").tolist() == [[7, 3]]  # the first id carries the group's joint mass
+    assert multi.end_of_turn_pair("last").tolist() == [[8, 3]]
+    assert TokenizerPair(side([]), side([3]), False).end_of_turn_pair().shape == (0, 2)

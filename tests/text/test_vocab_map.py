@@ -95,3 +95,14 @@ def test_cached_map_is_kept_on_disk_and_a_bad_file_is_rebuilt(monkeypatch, tmp_p
             path.write_bytes(bad)
         assert np.array_equal(cached_vocab_map(s_table, t_table), expected)
         assert np.array_equal(np.load(path), expected)  # rewritten
+
+
+def test_extra_pairs_join_only_where_both_ids_are_free():
+    from gold_pipeline.text.vocab_map import with_extra_pairs
+
+    pairs = np.array([[1, 10], [4, 12]], dtype=np.int64)
+    extra = np.array([[3, 20], [4, 21], [5, 10], [0, 22]], dtype=np.int64)  # 4 and 10 are taken already
+    merged = with_extra_pairs(pairs, extra)
+    assert merged.tolist() == [[0, 22], [1, 10], [3, 20], [4, 12]]
+    assert merged.dtype == np.int64
+    assert with_extra_pairs(pairs, np.zeros((0, 2), dtype=np.int64)).tolist() == pairs.tolist()

@@ -37,6 +37,18 @@ def test_off_policy_cross_tokenizer_loss_falls_on_a_fixed_batch(tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("skip_eos", [True, False])
+def test_stop_groups_pair_the_end_of_turn_columns(tmp_path, skip_eos):
+    # regression (issue 14): with stop groups on (uld_skip_*_eos False), the end-of-turn tokens, special and without
+    # bytes, had no vocab-map partner, so a stop group's mass fell to ULD and no distillation term taught the stop
+    trainer = make_trainer(tmp_path, uld_skip_student_eos=skip_eos, uld_skip_teacher_eos=skip_eos, max_steps=1)
+    student_eot, teacher_eot = trainer.pair.student_eot_ids[0], trainer.pair.teacher_eot_ids[0]
+    paired = int(trainer.vocab_map.teacher_to_student("cpu")[teacher_eot])
+    assert paired == (-1 if skip_eos else student_eot)
+    trainer.train()
+    assert math.isfinite(train_losses(trainer)[-1])
+
+
 def test_on_policy_samples_are_aligned_online_and_loss_falls(tmp_path):
     trainer = make_trainer(tmp_path, lmbda=1.0, max_steps=3, log_completions=True, log_completions_steps=1)
     before = fixed_batch_loss(trainer)
