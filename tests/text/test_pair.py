@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from gold_pipeline.text.pair import TokenizerPair, TokenizerSide, pad_token_id, stop_token_ids, tokenizer_record
 from tests.helpers import tok
 
@@ -51,8 +53,6 @@ def test_pair_of_one_tokenizer_shares_its_side():
 
 
 def test_end_of_turn_pair_is_the_merged_column_of_each_side():
-    import numpy as np
-
     pair = TokenizerPair.build(tok("pkg:cl100k"), tok("pkg:qwen"))  # <|endoftext|> (no template) ↔ <|im_end|>
     assert pair.end_of_turn_pair().tolist() == [[pair.student_eot_ids[0], pair.teacher_eot_ids[0]]]
 
