@@ -28,7 +28,9 @@ Protocol (everything from scratch on this machine, nothing tuned on held-out pro
   5. held-out greedy exact-match accuracy (completion stripped == the answer) with a 95 % Wilson interval per run
      and pooled over seeds; mean ± std over seeds; digit accuracy (share of answer digits right at their place,
      a smoother view of partial learning); train seconds. `--validate-on-train` evaluates on train pairs
-     instead (to settle the task and budget without looking at held-out pairs).
+     instead (to settle the task and budget without looking at held-out pairs); `--validate-on-unseen` on
+     teacher-train pairs no student trains on (a validation split: it shows memorizing, which the train pairs
+     cannot).
 
     .venv/bin/python bench/digits.py                  # the default configuration (docs/benchmarks.md)
     .venv/bin/python bench/digits.py --teacher-steps 40 --steps 4 --seeds 0 --train-count 64 --heldout-count 32
@@ -68,8 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-count", type=int, default=2048, help="student-train pairs (teacher-cached)")
     p.add_argument("--teacher-train-count", type=int, default=6000, help="teacher-train pairs (superset of the above)")
     p.add_argument("--heldout-count", type=int, default=256)
-    p.add_argument("--validate-on-train", action="store_true",
-                   help="evaluate students on --heldout-count student-train pairs instead of held-out ones")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--validate-on-train", action="store_true",
+                       help="evaluate students on --heldout-count student-train pairs instead of held-out ones")
+    where.add_argument("--validate-on-unseen", action="store_true",
+                       help="evaluate students on --heldout-count teacher-train pairs no student trains on (a "
+                            "validation split: settle settings on it without looking at the held-out pairs)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"from {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--hidden", type=int, default=96)
@@ -89,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="a GOLDConfig field for the distillation methods (not seq_kd), e.g. --set beta=0.0; "
-                        "settle it with --validate-on-train")
+                        "settle it with --validate-on-unseen")
     p.add_argument("--work", type=Path, default=REPO / ".bench" / "digits")
     args = p.parse_args(argv)
     args.overrides = dict(parse_override(text, p) for text in args.overrides)
@@ -99,6 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--methods {unknown} unknown; choose from {', '.join(METHODS)}")
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     pairs = (args.high - args.low + 1) ** 2 if args.task == "add" else 9 * 10 ** (args.copy_digits - 1)
+    if args.validate_on_unseen and args.train_count + args.heldout_count > args.teacher_train_count:
+        p.error(f"--validate-on-unseen needs train-count + heldout-count <= teacher-train-count "
+                f"({args.train_count} + {args.heldout_count} > {args.teacher_train_count})")
     if args.teacher_train_count + args.heldout_count > pairs or args.train_count > args.teacher_train_count:
         p.error(f"{pairs} operand pairs: need train-count <= teacher-train-count and teacher-train-count + "
                 f"heldout-count <= {pairs}")
@@ -284,7 +293,12 @@ def main(argv=None) -> dict:
     teacher_tok = load_tokenizer(args.teacher_tokenizer)
     student_tok = load_tokenizer(args.student_tokenizer)
     teacher_train, train, heldout = split_rows(args)
-    eval_rows = train[: args.heldout_count] if args.validate_on_train else heldout
+    eval_rows, where = heldout, "held-out pairs"
+    if args.validate_on_train:
+        eval_rows, where = train[: args.heldout_count], "student-train pairs (--validate-on-train)"
+    elif args.validate_on_unseen:  # teacher-train pairs after the student-train ones: no student sees them
+        eval_rows = teacher_train[args.train_count: args.train_count + args.heldout_count]
+        where = "teacher-train pairs no student trains on (--validate-on-unseen)"
     max_new = max(len(r["answer"]) for r in teacher_train + heldout) + 1  # the teacher's digits + end of turn
 
     teacher, teacher_seconds, teacher_digest = train_teacher(args, teacher_tok, teacher_train)
@@ -350,7 +364,6 @@ def main(argv=None) -> dict:
                            "digit_accuracy": mean_std([r["digit_accuracy"] for r in mine]),
                            "train_accuracy": mean_std([r["train_accuracy"] for r in mine]),
                            "train_seconds": mean_std([r["train_seconds"] for r in mine])}
-    where = "student-train pairs (--validate-on-train)" if args.validate_on_train else "held-out pairs"
     print(f"\n{args.student_tokenizer} students from {args.teacher_tokenizer} teacher; {len(eval_rows)} {where}; "
           f"teacher {100 * teacher_acc['accuracy']:.1f}% {teacher_acc['interval95']}")
     print(f"{'method':16s} {'accuracy %':>14s} {'pooled 95%':>14s} {'per seed %':>22s} {'digits %':>14s} "
